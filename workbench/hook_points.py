@@ -1,0 +1,228 @@
+"""HookPoint (an identity module with a name) and the machinery that attaches hook functions.
+
+A hook function is ``fn(tensor, hook) -> tensor | None``. ``hook.name`` is the hook's full name
+(``"blocks.3.attn.hook_pattern"``), ``hook.layer`` its block index (None outside blocks) and
+``hook.ctx`` the forward's context: ``ctx.positions`` (absolute positions of the tensor's ``pos``
+axis, ``[batch or 1, pos]``), ``ctx.past_len`` (tokens already in the KV cache) and ``ctx.step``
+(None outside ``generate``; 0 for the prefill, 1, 2, ... for decode steps).
+
+Hooks are only ever added inside context managers that remove them in ``finally``: an exception in
+a hook, a KeyboardInterrupt or a ``StopForward`` never leaves a hook attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
+NameOrPredicate = Union[str, Callable[[str], bool]]
+HookList = Iterable[tuple]
+
+
+class StopForward(Exception):
+    """Raise from a hook to end the forward early (e.g. after recording layer 3).
+
+    ``run_with_hooks``/``run_with_cache`` catch it and return ``None`` logits."""
+
+
+class HookError(ValueError):
+    """A hook name that does not exist, or a hook that returned a tensor of the wrong shape/dtype."""
+
+
+@dataclass
+class HookContext:
+    """What a hook may want to know about the forward it is called from."""
+
+    positions: Optional[torch.Tensor] = None  # [batch or 1, pos], absolute positions
+    past_len: int = 0                         # positions already in the KV cache
+    step: Optional[int] = None                # generation step (0 = prefill) or None
+
+
+class HookPoint(nn.Module):
+    """Identity module; hook functions registered on it may read or replace the tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str = ""
+        self.layer: Optional[int] = None
+        self.ctx: HookContext = HookContext()
+        self._fwd: list[HookFn] = []
+        self._bwd: list[HookFn] = []
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._fwd or self._bwd)
+
+    def add_hook(self, fn: HookFn, dir: str = "fwd") -> Callable[[], None]:
+        """Attach ``fn``; returns a remover. Prefer ``model.hooks(...)`` which always cleans up."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        target = self._fwd if dir == "fwd" else self._bwd
+        entry = _Entry(fn)
+        target.append(entry)
+
+        def remove() -> None:
+            entry.active = False
+            if entry in target:
+                target.remove(entry)
+
+        return remove
+
+    def remove_hooks(self) -> None:
+        for entry in self._fwd + self._bwd:
+            entry.active = False
+        self._fwd.clear()
+        self._bwd.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for entry in tuple(self._fwd):
+            out = entry.fn(x, self)
+            if out is not None:
+                if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+                    got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise HookError(
+                        f"hook on {self.name!r} returned {got}; expected a tensor of shape "
+                        f"{tuple(x.shape)} and dtype {x.dtype} (or None to leave it unchanged)"
+                    )
+                x = out
+        if self._bwd and x.requires_grad:
+            for entry in tuple(self._bwd):
+                x.register_hook(_grad_hook(entry, self))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class _Entry:
+    __slots__ = ("fn", "active")
+
+    def __init__(self, fn: HookFn) -> None:
+        self.fn = fn
+        self.active = True
+
+    def __eq__(self, other) -> bool:  # identity semantics for list.remove
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+def _grad_hook(entry: _Entry, hook: HookPoint):
+    # A gradient hook lives on the autograd graph, which can outlive the ``hooks()`` block; once
+    # the entry was removed it does nothing.
+    def fn(grad: torch.Tensor):
+        if entry.active:
+            return entry.fn(grad, hook)
+        return None
+
+    return fn
+
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class HookedRootModule(nn.Module):
+    """Mixin for the root model: registry of HookPoints and hooks()/run_with_hooks()/run_with_cache()."""
+
+    hook_ctx: HookContext
+
+    def setup_hooks(self) -> None:
+        """Name every HookPoint after its module path and share one context object."""
+        self.hook_ctx = HookContext()
+        self._hook_dict: dict[str, HookPoint] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                m = _LAYER_RE.match(name)
+                module.layer = int(m.group(1)) if m else None
+                module.ctx = self.hook_ctx
+                self._hook_dict[name] = module
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook name -> HookPoint, in forward order."""
+        return dict(self._hook_dict)
+
+    def _resolve(self, name: NameOrPredicate) -> list[HookPoint]:
+        if callable(name):
+            return [hp for n, hp in self._hook_dict.items() if name(n)]
+        if name in self._hook_dict:
+            return [self._hook_dict[name]]
+        close = difflib.get_close_matches(name, list(self._hook_dict), n=5, cutoff=0.5)
+        hint = f"; closest: {close}" if close else ""
+        raise HookError(f"unknown hook name {name!r}{hint}. model.hook_dict lists all {len(self._hook_dict)} names")
+
+    def _attach(self, hooks: Optional[HookList], dir: str, removers: list) -> None:
+        for item in hooks or ():
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
+                raise HookError(f"{dir} hooks must be (name or predicate, fn) pairs, got {item!r}")
+            name, fn = item
+            for hp in self._resolve(name):
+                removers.append(hp.add_hook(fn, dir))
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Optional[HookList] = None, bwd_hooks: Optional[HookList] = None):
+        """Attach hooks for the duration of the block (including any ``.backward()`` inside it).
+
+        Example::
+
+            with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x * 0)]):
+                logits = model(tokens)
+        """
+        removers: list = []
+        try:
+            # Resolve every name first: a bad name raises before anything is attached.
+            for item in list(fwd_hooks or ()) + list(bwd_hooks or ()):
+                if isinstance(item, (tuple, list)) and len(item) == 2 and not callable(item[0]):
+                    self._resolve(item[0])
+            self._attach(fwd_hooks, "fwd", removers)
+            self._attach(bwd_hooks, "bwd", removers)
+            yield self
+        finally:
+            for remove in reversed(removers):
+                remove()
+
+    def reset_hooks(self) -> None:
+        """Remove every hook from every HookPoint."""
+        for hp in self._hook_dict.values():
+            hp.remove_hooks()
+
+    def run_with_hooks(self, input_ids, *args, fwd_hooks=None, bwd_hooks=None, **kwargs):
+        """Forward with temporary hooks; returns the logits (None if a hook raised StopForward)."""
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            try:
+                return self(input_ids, *args, **kwargs)
+            except StopForward:
+                return None
+
+    def cache_hooks(self, names_filter=None, device=None, store: Optional[dict] = None):
+        """(store, fwd_hooks) that copy every selected activation into ``store`` (detached)."""
+        from .activation_cache import names_filter_fn
+
+        keep = names_filter_fn(names_filter)
+        store = {} if store is None else store
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            t = x.detach()
+            store[hook.name] = t.to(device) if device is not None else t
+
+        return store, [(n, save) for n in self._hook_dict if keep(n)]
+
+    def run_with_cache(self, input_ids, *args, names_filter=None, device=None, fwd_hooks=None, **kwargs):
+        """Forward once, recording activations. Returns ``(logits, ActivationCache)``.
+
+        ``names_filter``: None (all), a name, a list of names, or a predicate ``str -> bool``.
+        ``device``: where the cached tensors are gathered (e.g. "cpu" under offload).
+        """
+        from .activation_cache import ActivationCache
+
+        store, cache_hooks = self.cache_hooks(names_filter, device)
+        logits = self.run_with_hooks(input_ids, *args, fwd_hooks=list(fwd_hooks or ()) + cache_hooks, **kwargs)
+        return logits, ActivationCache(store, self)

@@ -1,0 +1,390 @@
+"""HookedCommandR: Cohere's Command-R family as a hookable einops model, the same function as
+transformers' ``CohereForCausalLM`` / ``Cohere2ForCausalLM`` (bit-exact on the explicit attention path).
+
+How Command-R differs from Llama (each is a bit-exactness trap; see ../shared/docs/cohere-spec.md)::
+
+    x ──┬──────────────────────────────────────────────(+)──(+)──> x'      parallel block:
+        └─ ln1 (LayerNorm, fp32 incl. weight, no bias) ─┬─ attn ─┘    │     ONE norm feeds both
+                                                         └─ mlp ──────┘     branches; no resid_mid
+
+  * LayerNorm (mean-subtracted, not RMSNorm), computed in fp32 including the weight multiply.
+  * Rotary embeddings are INTERLEAVED (pairs 2i, 2i+1), tables in fp32 rounded to model dtype,
+    applied to fp32-upcast q/k.
+  * Optional per-head QK-norm (Command-R+): a LayerNorm over d_head with [head, d_head] weights,
+    after the head split and before rotary.
+  * Tied unembedding (no lm_head in checkpoints), logits multiplied by ``logit_scale``.
+  * cohere2 (Command R7B, Command A): no QK-norm; 3 sliding-window layers with rotary for each
+    global layer without any positional encoding.
+
+Axis legend (used in shape comments, hook docs and widgets)::
+
+    batch   sequences in the batch          pos     positions of this forward (queries)
+    d_model residual width                  q_pos / k_pos   query / key positions
+    head    query heads                     kv_head key/value heads (GQA: head j reads j // group)
+    d_head  per-head width                  d_mlp   MLP hidden width        vocab  vocabulary
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import CommandRConfig
+from .hook_points import HookedRootModule, HookPoint
+
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_hook: Optional[HookPoint] = None):
+    """Cohere's LayerNorm with exactly the reference's ops: fp32 throughout, weight multiply in fp32."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    mean = x.mean(-1, keepdim=True)
+    centred = x - mean
+    var = centred.pow(2).mean(-1, keepdim=True)
+    inv = torch.rsqrt(var + eps)
+    if scale_hook is not None and scale_hook.has_hooks:
+        scale = torch.sqrt(var + eps)                      # [batch pos 1], float32
+        hooked = scale_hook(scale)
+        if hooked is not scale:                            # a hook replaced the divisor (e.g. frozen)
+            inv = hooked.reciprocal()
+    y = centred * inv
+    y = weight.to(torch.float32) * y
+    return y.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """The block's (and the final) LayerNorm, with hooks on its divisor and its output."""
+
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+        self.hook_scale = HookPoint()       # [batch pos 1] float32: sqrt(var + eps)
+        self.hook_normalized = HookPoint()  # [batch pos d_model] model dtype, after the weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(layer_norm_fp32(x, self.weight, self.eps, self.hook_scale))
+
+
+class QKNorm(nn.Module):
+    """Per-head LayerNorm over d_head (Command-R+); weight [head or kv_head, d_head]."""
+
+    def __init__(self, n_heads: int, d_head: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, d_head))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch pos head d_head]
+        return layer_norm_fp32(x, self.weight, self.eps)
+
+
+def rotary_tables(positions: torch.Tensor, d_head: int, theta: float, dtype: torch.dtype):
+    """cos, sin [batch|1 pos d_head] for interleaved rotary: fp32 angles rounded to model dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device=positions.device).float() / d_head))
+    freqs = positions[..., None].float() * inv_freq             # [batch pos d_head/2]
+    emb = torch.repeat_interleave(freqs, 2, dim=-1)             # (f0, f0, f1, f1, ...)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x_2i, x_2i+1) of x [batch pos head d_head] in fp32."""
+    dtype = x.dtype
+    x = x.float()
+    rot = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]           # broadcast over heads
+    return ((x * cos) + (rot * sin)).to(dtype)
+
+
+class Attention(nn.Module):
+    """Named stages: q/k/v -> q_normed/k_normed -> rot_q/rot_k -> attn_scores -> pattern -> z -> result."""
+
+    def __init__(self, cfg: CommandRConfig, layer: int) -> None:
+        super().__init__()
+        D, H, K, d = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.d_head, self.group = H, K, d, cfg.group_size
+        self.scale = d**-0.5
+        self.window = cfg.layer_window(layer)          # None = full causal attention
+        self.use_rope = cfg.layer_uses_rope(layer)     # False on cohere2 global (NoPE) layers
+        self.use_qk_norm = cfg.use_qk_norm
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, K * d, bias=False)
+        self.v_proj = nn.Linear(D, K * d, bias=False)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+        self.hook_q = HookPoint()                # [batch pos head d_head]
+        self.hook_k = HookPoint()                # [batch pos kv_head d_head]
+        self.hook_v = HookPoint()                # [batch pos kv_head d_head]
+        if self.use_qk_norm:
+            self.q_norm = QKNorm(H, d, cfg.layer_norm_eps)
+            self.k_norm = QKNorm(K, d, cfg.layer_norm_eps)
+            self.hook_q_normed = HookPoint()     # [batch pos head d_head]
+            self.hook_k_normed = HookPoint()     # [batch pos kv_head d_head]
+        if self.use_rope:
+            self.hook_rot_q = HookPoint()        # [batch pos head d_head]
+            self.hook_rot_k = HookPoint()        # [batch pos kv_head d_head]  (what the KV cache stores)
+        self.hook_attn_scores = HookPoint()      # [batch head q_pos k_pos] scaled + masked, model dtype
+        self.hook_pattern = HookPoint()          # [batch head q_pos k_pos] softmax, model dtype
+        self.hook_z = HookPoint()                # [batch pos head d_head]
+        self.hook_result = HookPoint()           # [batch pos head d_model] per-head o_proj output
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """[head d_head d_model] view of o_proj: head j writes z_j @ W_O[j]."""
+        return rearrange(self.o_proj.weight, "m (h d) -> h d m", h=self.n_heads)
+
+    def needs_explicit(self) -> bool:
+        return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
+
+    def forward(self, h: torch.Tensor, rope, masks, kv_cache=None, layer: int = 0, explicit: bool = False):
+        q = self.hook_q(rearrange(self.q_proj(h), "b s (h d) -> b s h d", d=self.d_head))
+        k = self.hook_k(rearrange(self.k_proj(h), "b s (h d) -> b s h d", d=self.d_head))
+        v = self.hook_v(rearrange(self.v_proj(h), "b s (h d) -> b s h d", d=self.d_head))
+        if self.use_qk_norm:
+            q = self.hook_q_normed(self.q_norm(q))
+            k = self.hook_k_normed(self.k_norm(k))
+        if self.use_rope:
+            cos, sin = rope
+            q = self.hook_rot_q(apply_rotary(q, cos, sin))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin))
+        q = rearrange(q, "b s h d -> b h s d")
+        k = rearrange(k, "b s h d -> b h s d")
+        v = rearrange(v, "b s h d -> b h s d")
+        if kv_cache is not None:
+            k, v, k_idx = kv_cache.update(layer, k, v)   # [batch kv_head k_pos d_head]
+        else:
+            k_idx = None
+        mask, is_causal = masks.get(self.window, k.shape[-2], k_idx)
+        if explicit or self.needs_explicit():
+            z = self._explicit(q, k, v, mask, masks)
+        else:
+            z = self._fused(q, k, v, mask, is_causal)
+        z = self.hook_z(rearrange(z, "b h s d -> b s h d"))   # [batch pos head d_head]
+        if self.hook_result.has_hooks:
+            result = torch.einsum("bshd,hdm->bshm", z, self.W_O)
+            return self.hook_result(result).sum(dim=2)
+        return self.o_proj(rearrange(z, "b s h d -> b s (h d)"))
+
+    def _explicit(self, q, k, v, mask, masks):
+        k = repeat_kv(k, self.group)                  # [batch head k_pos d_head]
+        v = repeat_kv(v, self.group)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        if mask is None:
+            mask = masks.dense(self.window, k.shape[-2], None)
+        scores = self.hook_attn_scores(scores + mask)
+        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pattern = self.hook_pattern(pattern)
+        return torch.matmul(pattern, v)               # [batch head q_pos d_head]
+
+    def _fused(self, q, k, v, mask, is_causal):
+        if self.group > 1:
+            if _SDPA_GQA:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                      scale=self.scale, enable_gqa=True)
+            k, v = repeat_kv(k, self.group), repeat_kv(v, self.group)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+
+
+def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[batch kv_head k_pos d_head] -> [batch (kv_head group) k_pos d_head]; consecutive heads share."""
+    if group == 1:
+        return x
+    b, kh, t, d = x.shape
+    return x[:, :, None].expand(b, kh, group, t, d).reshape(b, kh * group, t, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(h)) * up(h))."""
+
+    def __init__(self, cfg: CommandRConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.hook_pre = HookPoint()         # [batch pos d_mlp] gate pre-activation
+        self.hook_pre_linear = HookPoint()  # [batch pos d_mlp] up projection
+        self.hook_post = HookPoint()        # [batch pos d_mlp] silu(gate) * up
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate = self.hook_pre(self.gate_proj(h))
+        up = self.hook_pre_linear(self.up_proj(h))
+        post = self.hook_post(F.silu(gate) * up)
+        return self.down_proj(post)
+
+
+class Block(nn.Module):
+    """x' = (x + attn(ln1(x))) + mlp(ln1(x)). No resid_mid, no ln2: the block is parallel."""
+
+    def __init__(self, cfg: CommandRConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        # declared in forward order, so hook_dict and the hook table list them that way
+        self.hook_resid_pre = HookPoint()   # [batch pos d_model]
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.hook_attn_out = HookPoint()    # [batch pos d_model]
+        self.mlp = MLP(cfg)
+        self.hook_mlp_out = HookPoint()     # [batch pos d_model]
+        self.hook_resid_post = HookPoint()  # [batch pos d_model]
+
+    def forward(self, x, rope, masks, kv_cache=None, explicit: bool = False):
+        x = self.hook_resid_pre(x)
+        h = self.ln1(x)
+        attn_out = self.hook_attn_out(self.attn(h, rope, masks, kv_cache, self.layer, explicit))
+        mlp_out = self.hook_mlp_out(self.mlp(h))
+        return self.hook_resid_post(x + attn_out + mlp_out)
+
+
+class Masks:
+    """Additive attention masks for one forward, built once per (window, key length).
+
+    A key at cache index k is visible to the query at cache index q iff k <= q, k > q - window
+    (sliding layers) and the attention_mask marks it real. Returns (mask or None, is_causal): the
+    fused path gets None + is_causal when plain causal attention over all keys suffices.
+    """
+
+    def __init__(self, attention_mask: Optional[torch.Tensor], past_len: int, n_new: int,
+                 dtype: torch.dtype, device) -> None:
+        self.past_len, self.n_new, self.dtype, self.device = past_len, n_new, dtype, device
+        self.pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        self._cache: dict = {}
+
+    def get(self, window: Optional[int], n_keys: int, k_idx: Optional[torch.Tensor]):
+        start = self.past_len + self.n_new - n_keys if k_idx is None else None
+        window_cuts = window is not None and self.past_len + self.n_new > window
+        if self.pad is None and not window_cuts:
+            if self.n_new == 1:
+                return None, False
+            if n_keys == self.n_new:
+                return None, True
+        return self.dense(window, n_keys, k_idx, start), False
+
+    def dense(self, window, n_keys, k_idx, start=None) -> torch.Tensor:
+        """[batch|1 1 q_pos k_pos] with 0 where visible and finfo.min elsewhere."""
+        key = (window, n_keys, None if k_idx is None else (int(k_idx[0]), int(k_idx[-1])))
+        if key not in self._cache:
+            q_idx = torch.arange(self.past_len, self.past_len + self.n_new, device=self.device)
+            if k_idx is None:
+                start = self.past_len + self.n_new - n_keys if start is None else start
+                k_idx = torch.arange(start, start + n_keys, device=self.device)
+            allowed = k_idx[None, :] <= q_idx[:, None]
+            if window is not None:
+                allowed &= k_idx[None, :] > q_idx[:, None] - window
+            allowed = allowed[None, None]
+            if self.pad is not None:
+                allowed = allowed & self.pad[:, None, None, k_idx]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            self._cache[key] = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        return self._cache[key]
+
+
+class HookedCommandR(HookedRootModule):
+    """Command-R with a named hook at every stage.
+
+    Example::
+
+        model = HookedCommandR.from_pretrained("command-r-tiny")
+        logits, cache = model.run_with_cache(tokens)
+        cache["pattern", 0].shape        # [batch head q_pos k_pos]
+    """
+
+    def __init__(self, cfg: CommandRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.hook_embed = HookPoint()              # [batch pos d_model]
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_logits_unscaled = HookPoint()    # [batch pos vocab] before x logit_scale
+        self.hook_logits = HookPoint()             # [batch pos vocab]
+        self.attn_impl = "auto"                    # "auto" | "explicit" | "fused"
+        self.setup_hooks()
+
+    # ------------------------------------------------------------------ computation
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
+        """input_ids [batch pos] -> logits [batch pos vocab].
+
+        ``attention_mask`` [batch past+pos] (1 = real token) masks keys; ``position_ids`` default to
+        ``arange`` after the cache (as transformers' plain forward; ``generate`` derives them from
+        the mask for left padding). ``kv_cache`` is a ``workbench.kv_cache.KVCache``.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [batch, pos], got {tuple(input_ids.shape)}")
+        past_len = kv_cache.seen if kv_cache is not None else 0
+        n_new = input_ids.shape[1]
+        x = self.hook_embed(self.embed(input_ids))
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + n_new, device=x.device)[None]
+        self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
+        if attention_mask is not None and attention_mask.shape != (input_ids.shape[0], past_len + n_new):
+            raise ValueError(f"attention_mask: expected shape {(input_ids.shape[0], past_len + n_new)} "
+                             f"[batch, past + pos], got {tuple(attention_mask.shape)}")
+        masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
+        rope = rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype)
+        explicit = self.attn_impl == "explicit"
+        for block in self.blocks:
+            x = block(x, rope, masks, kv_cache, explicit)
+        if kv_cache is not None:
+            kv_cache.advance(n_new)
+        x = self.ln_final(x)
+        logits = self.hook_logits_unscaled(self.unembed(x))
+        return self.hook_logits(logits * self.cfg.logit_scale)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        return self.embed.weight                   # [vocab d_model]
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self.unembed.weight.T               # [d_model vocab]
+
+    def hook_table(self, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
+        """Every hook name with its shape and dtype for a [batch, pos] input, without running."""
+        from .hook_table import hook_table
+
+        return hook_table(self, batch, pos, k_pos)
+
+    @classmethod
+    def from_config(cls, cfg: CommandRConfig, dtype=None, device=None, seed: Optional[int] = None):
+        """A randomly initialised model (normal(0, 0.02) weights, unit norms) for tests and planning."""
+        from .loading import init_random
+
+        return init_random(cls(cfg) if device != "meta" else _on_meta(cls, cfg), dtype=dtype, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs) -> "HookedCommandR":
+        """Load a checkpoint folder in the Hugging Face layout (see ``workbench.loading``)."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path, *args, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from .loading import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def generate(self, input_ids, *args, **kwargs) -> torch.Tensor:
+        from .generation import generate
+
+        return generate(self, input_ids, *args, **kwargs)
+
+
+def _on_meta(cls, cfg):
+    with torch.device("meta"):
+        return cls(cfg)
