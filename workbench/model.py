@@ -157,7 +157,7 @@ class Attention(nn.Module):
             k, v, k_idx = kv_cache.update(layer, k, v)   # [batch kv_head k_pos d_head]
         else:
             k_idx = None
-        mask, is_causal = masks.get(self.window, k.shape[-2], k_idx)
+        mask, is_causal = masks.get(self.window, k.shape[-2], k_idx, q.device)
         if explicit or self.needs_explicit():
             z = self._explicit(q, k, v, mask, masks)
         else:
@@ -173,7 +173,7 @@ class Attention(nn.Module):
         v = repeat_kv(v, self.group)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
         if mask is None:
-            mask = masks.dense(self.window, k.shape[-2], None)
+            mask = masks.dense(self.window, k.shape[-2], None, q.device)
         scores = self.hook_attn_scores(scores + mask)
         pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pattern = self.hook_pattern(pattern)
@@ -252,31 +252,32 @@ class Masks:
         self.pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         self._cache: dict = {}
 
-    def get(self, window: Optional[int], n_keys: int, k_idx: Optional[torch.Tensor]):
-        start = self.past_len + self.n_new - n_keys if k_idx is None else None
+    def get(self, window: Optional[int], n_keys: int, k_idx: Optional[torch.Tensor], device=None):
         window_cuts = window is not None and self.past_len + self.n_new > window
         if self.pad is None and not window_cuts:
             if self.n_new == 1:
                 return None, False
             if n_keys == self.n_new:
                 return None, True
-        return self.dense(window, n_keys, k_idx, start), False
+        return self.dense(window, n_keys, k_idx, device), False
 
-    def dense(self, window, n_keys, k_idx, start=None) -> torch.Tensor:
-        """[batch|1 1 q_pos k_pos] with 0 where visible and finfo.min elsewhere."""
-        key = (window, n_keys, None if k_idx is None else (int(k_idx[0]), int(k_idx[-1])))
+    def dense(self, window, n_keys, k_idx=None, device=None) -> torch.Tensor:
+        """[batch|1 1 q_pos k_pos] with 0 where visible and finfo.min elsewhere.
+
+        Keys are the last ``n_keys`` cache indices (a sliding-window cache keeps a suffix)."""
+        device = torch.device(device if device is not None else self.device)
+        key = (window, n_keys, device)
         if key not in self._cache:
-            q_idx = torch.arange(self.past_len, self.past_len + self.n_new, device=self.device)
-            if k_idx is None:
-                start = self.past_len + self.n_new - n_keys if start is None else start
-                k_idx = torch.arange(start, start + n_keys, device=self.device)
+            q_idx = torch.arange(self.past_len, self.past_len + self.n_new, device=device)
+            start = self.past_len + self.n_new - n_keys
+            k_idx = torch.arange(start, start + n_keys, device=device)
             allowed = k_idx[None, :] <= q_idx[:, None]
             if window is not None:
                 allowed &= k_idx[None, :] > q_idx[:, None] - window
             allowed = allowed[None, None]
             if self.pad is not None:
-                allowed = allowed & self.pad[:, None, None, k_idx]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+                allowed = allowed & self.pad.to(device)[:, None, None, start:start + n_keys]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
             self._cache[key] = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
         return self._cache[key]
 
