@@ -1,0 +1,623 @@
+"""Command-R tokenizer and chat templates, without transformers.
+
+Wraps the ``tokenizers`` library (byte-level BPE from ``tokenizer.json``) and renders the chat templates of
+``tokenizer_config.json`` in a sandboxed Jinja environment set up like transformers'
+(``utils/chat_template_utils.py``), so prompts and ids match ``AutoTokenizer`` for the same files.
+Facts this relies on (see ``shared/docs/cohere-spec.md`` §7–8): NFC normalisation, individual digits,
+GPT-2 byte-level pre-tokenisation, BOS prepended and no EOS, added tokens matched in raw text, left padding,
+no clean-up of spaces when decoding.
+
+    >>> tok = Tokenizer.from_pretrained("path/to/command-r")           # doctest: +SKIP
+    >>> tok.encode("Hello this is a test")                             # doctest: +SKIP
+    [5, 28339, 2075, 1801, 1671, 3282]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import numbers
+import os
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as _Backend
+
+__all__ = ["BatchEncoding", "ChatTemplateError", "TokenPiece", "Tokenizer", "UnsafeTemplateError"]
+
+# Named special tokens in transformers' order (this order is what `all_special_ids` lists), with
+# CohereTokenizer's class defaults, which apply when tokenizer_config.json does not mention the key.
+_SPECIAL_DEFAULTS = {
+    "bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "unk_token": "<UNK>", "sep_token": "<SEP>",
+    "pad_token": "<PAD>", "cls_token": "<CLS>", "mask_token": "<MASK_TOKEN>",
+}
+_VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by the ByteLevel pre-tokenizer (space -> 'Ġ', '\\n' -> 'Ċ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shift = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b], shift = chr(256 + shift), shift + 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class BatchEncoding(dict):
+    """``dict`` of ``input_ids`` and ``attention_mask`` that also allows ``enc.input_ids`` and ``enc.to(device)``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPiece:
+    """One token prepared for display.
+
+    ``bytes`` are the token's exact bytes; ``text`` is a readable rendering (space ``·``, newline ``↵``, tab ``→``,
+    bytes that are not complete UTF-8 on their own as ``<0xEC>``); ``span`` is the ``[start, end)`` character range
+    of the decoded text the token contributes to: tokens sharing a character split across them share that character.
+    """
+
+    id: int
+    token: str | None  # the raw vocabulary string ('Ġthe'), None for an id outside the vocabulary
+    bytes: bytes
+    text: str
+    is_special: bool  # added/control token (rendered from its content, not from byte-level BPE)
+    span: tuple[int, int]
+
+
+class ChatTemplateError(jinja2.exceptions.TemplateError, ValueError):
+    """A chat template failed: ``raise_exception(...)`` in the template (its message is kept), or a Jinja error."""
+
+
+class UnsafeTemplateError(ChatTemplateError):
+    """The sandbox stopped a chat template that tried an unsafe operation (dunder access, mutation, imports)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Same as transformers: Jinja's own tojson escapes HTML characters, which templates do not expect.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """``dict(...)`` and ``dict.fromkeys`` for templates without exposing the ``dict`` type (as transformers)."""
+
+    __call__, fromkeys = staticmethod(dict), staticmethod(dict.fromkeys)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """``namespace()`` that refuses underscore attributes, so ``ns.__class__`` cannot be planted (transformers' rule)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick so namespace(self=...) works
+        attrs = dict(*args[1:], **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(args[0], attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"storing the underscore attribute {name!r} on a namespace")
+
+
+class _NoTemplateLoader(jinja2.BaseLoader):
+    def get_source(self, environment: Any, template: str) -> Any:
+        raise jinja2.exceptions.SecurityError(f"importing or including another template ({template!r})")
+
+
+class _ChatSandbox(ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # Jinja returns a silent Undefined for e.g. `(1).__class__`; fail loudly instead. No legitimate template
+        # reads unsafe attributes, so this only changes what hostile templates see.
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object")
+
+
+@lru_cache(maxsize=32)
+def _compile_template(source: str) -> jinja2.Template:
+    if tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (older versions have sandbox escapes); found {jinja2.__version__}")
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, loader=_NoTemplateLoader(),
+                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
+                       namespace=_TemplateNamespace)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from e
+
+
+def _render(source: str, variables: dict[str, Any]) -> str:
+    template = _compile_template(source)
+    try:
+        return template.render(**variables)
+    except ChatTemplateError:
+        raise
+    except jinja2.exceptions.SecurityError as e:
+        raise UnsafeTemplateError(f"the chat template tried an unsafe operation and was stopped by the sandbox: {e}") from e
+    except jinja2.exceptions.TemplateRuntimeError as e:
+        if "assign attribute" in str(e):  # `{% set obj.attr = … %}` on anything but a namespace
+            raise UnsafeTemplateError(f"the chat template tried an unsafe operation (attribute assignment): {e}") from e
+        raise ChatTemplateError(f"chat template failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - e.g. `'a' + 1` inside the template; keep the cause chained
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON types (transformers' `_plain_template_data`): rich objects carry
+    methods the sandbox cannot judge, so anything else becomes an inert ``"<TypeName>"`` placeholder."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base, kind in ((bool, bool), (str, str), (int, numbers.Integral), (float, numbers.Real)):
+        if isinstance(value, kind):  # enums, numpy scalars -> the plain type
+            return base(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return (list if isinstance(value, list) else tuple)(_plain(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+def _normalize_messages(messages: Sequence[Any]) -> list[dict]:
+    """Dicts only; drop keys whose value is None; alias reasoning fields (as transformers 5 does)."""
+    out = []
+    for message in _plain(list(messages)):
+        if not isinstance(message, dict):
+            raise TypeError(f"chat messages must be dicts with 'role' and 'content', got {message!r}")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _utf8_segments(data: bytes) -> list[tuple[bytes, str | None]]:
+    """Split ``data`` into valid UTF-8 runs (with their text) and invalid runs (``None``). Each invalid run is one
+    maximal ill-formed subpart, i.e. exactly one U+FFFD in ``data.decode("utf-8", "replace")``."""
+    segments: list[tuple[bytes, str | None]] = []
+    rest = data
+    while rest:
+        try:
+            segments.append((rest, rest.decode("utf-8")))
+            break
+        except UnicodeDecodeError as e:
+            if e.start:
+                segments.append((rest[: e.start], rest[: e.start].decode("utf-8")))
+            segments.append((rest[e.start : e.end], None))
+            rest = rest[e.end :]
+    return segments
+
+
+def _visible(ch: str) -> str:
+    category = unicodedata.category(ch)
+    if ch in _VISIBLE:
+        return _VISIBLE[ch]
+    if category == "Cc":
+        return f"<0x{ord(ch):02X}>"
+    # zero-width characters and exotic spaces would be invisible, or look like a plain space
+    return f"<U+{ord(ch):04X}>" if category in ("Cf", "Zl", "Zp", "Zs") else ch
+
+
+def _readable(data: bytes) -> str:
+    return "".join("".join(f"<0x{b:02X}>" for b in raw) if text is None else "".join(map(_visible, text))
+                   for raw, text in _utf8_segments(data))
+
+
+def _id_list(ids: Any) -> list[int]:
+    if hasattr(ids, "tolist"):  # torch / numpy
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    ids = list(ids)
+    if any(isinstance(i, (list, tuple)) for i in ids):
+        raise ValueError("expected one sequence of token ids, got a batch; use batch_decode for 2-D input")
+    return [int(i) for i in ids]
+
+
+def _token_content(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not parse {path}: {e}") from e
+
+
+class _Special:
+    """Descriptor: ``tok.bos_token`` (a string or None) and, with ``as_id``, ``tok.bos_token_id``."""
+
+    def __init__(self, key: str, as_id: bool = False) -> None:
+        self.key, self.as_id = key, as_id
+
+    def __get__(self, obj: Tokenizer | None, owner: type) -> Any:
+        if obj is None:
+            return self
+        token = obj.special_tokens_map.get(self.key)
+        return obj.convert_tokens_to_ids(token) if (self.as_id and token is not None) else token
+
+
+class Tokenizer:
+    """Command-R tokenizer: encode/decode, left padding, display pieces and sandboxed chat templates.
+
+    >>> tok = Tokenizer.from_pretrained("path/to/command-r")                     # doctest: +SKIP
+    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+    ...                         return_tensors="pt").shape                       # doctest: +SKIP
+    torch.Size([1, 9])
+    """
+
+    bos_token, eos_token, unk_token = _Special("bos_token"), _Special("eos_token"), _Special("unk_token")
+    sep_token, pad_token, cls_token = _Special("sep_token"), _Special("pad_token"), _Special("cls_token")
+    mask_token = _Special("mask_token")
+    bos_token_id, eos_token_id = _Special("bos_token", True), _Special("eos_token", True)
+    unk_token_id, sep_token_id = _Special("unk_token", True), _Special("sep_token", True)
+    pad_token_id, cls_token_id = _Special("pad_token", True), _Special("cls_token", True)
+    mask_token_id = _Special("mask_token", True)
+
+    def __init__(self, backend: _Backend, config: Mapping[str, Any] | None = None,
+                 special_tokens_file: Mapping[str, Any] | None = None,
+                 chat_templates: Mapping[str, str] | None = None, name_or_path: str = "") -> None:
+        config = dict(config or {})
+        self._tk, self.name_or_path = backend, name_or_path
+        self.padding_side: str = config.get("padding_side", "left")
+        self.chat_templates: dict[str, str] = dict(chat_templates or {})
+        # special_tokens_map.json is legacy: transformers lets it override the config only without added_tokens_decoder.
+        overrides = {} if "added_tokens_decoder" in config else dict(special_tokens_file or {})
+        self.special_tokens_map: dict[str, str] = {}
+        for key, default in _SPECIAL_DEFAULTS.items():
+            if key in overrides or key in config:
+                value = _token_content(overrides[key] if key in overrides else config[key])
+            else:
+                value = default if backend.token_to_id(default) is not None else None
+            if value is not None:
+                self.special_tokens_map[key] = value
+        extra = overrides.get("additional_special_tokens") or config.get("additional_special_tokens") \
+            or config.get("extra_special_tokens") or []
+        if isinstance(extra, Mapping):  # transformers 5 also allows {"image_token": "<img>", ...}
+            extra = list(extra.values())
+        self.additional_special_tokens: list[str] = [_token_content(t) for t in extra]
+        missing = [t for t in (*self.special_tokens_map.values(), *self.additional_special_tokens)
+                   if backend.token_to_id(t) is None]
+        if missing:  # transformers adds named special tokens that the vocabulary lacks
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        added = backend.get_added_tokens_decoder()
+        self._added: dict[int, str] = {i: t.content for i, t in added.items()}
+        # Which added tokens `decode(skip_special_tokens=True)` drops: tokenizer.json's flags, overridden by
+        # tokenizer_config.json's added_tokens_decoder (transformers pushes those flags into the backend).
+        self._skip_ids = {i for i, t in added.items() if t.special}
+        for key, spec in (config.get("added_tokens_decoder") or {}).items():
+            if int(key) in self._added and self._added[int(key)] == spec.get("content"):
+                (self._skip_ids.add if spec.get("special") else self._skip_ids.discard)(int(key))
+        if "add_bos_token" in config or "add_eos_token" in config:
+            self._set_post_processor(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        bos, eos = self.bos_token if add_bos else None, self.eos_token if add_eos else None
+        single = " ".join(p for p in (bos and f"{bos}:0", "$A:0", eos and f"{eos}:0") if p)
+        pair = " ".join(p for p in (single, bos and f"{bos}:1", "$B:1", eos and f"{eos}:1") if p)
+        specials = [(t, self.convert_tokens_to_ids(t)) for t in (bos, eos) if t]
+        self._tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load from a checkpoint folder (``tokenizer.json`` or ``tokenizer.json.gz``, optional
+        ``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``) or a bundled model name.
+
+        >>> tok = Tokenizer.from_pretrained("command-r-tiny")                     # doctest: +SKIP
+        """
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            folder = _resolve_named(path)
+        file = next((f for f in (folder / "tokenizer.json", folder / "tokenizer.json.gz") if f.is_file()), None)
+        if file is None:
+            raise FileNotFoundError(f"no tokenizer.json (or tokenizer.json.gz) in {folder}")
+        try:
+            raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
+            backend = _Backend.from_str(raw.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - the Rust error types are not importable
+            raise ValueError(f"could not load {file}: {e}") from e
+        config = _read_json(folder / "tokenizer_config.json")
+        return cls(backend, config, _read_json(folder / "special_tokens_map.json"),
+                   _load_templates(folder, config.get("chat_template")), str(folder))
+
+    def __len__(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids including added tokens (255029 for Command-R; the model's embedding has 256000 rows).
+        Note: transformers' ``vocab_size`` excludes added tokens; ``len()`` is the same in both."""
+        return len(self)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """Named special tokens (bos, eos, unk, sep, pad, cls, mask) then additional ones, as in transformers."""
+        tokens = [*self.special_tokens_map.values(), *self.additional_special_tokens]
+        return list(dict.fromkeys(tokens))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.convert_tokens_to_ids(t) for t in self.all_special_tokens]
+
+    @property
+    def added_tokens(self) -> dict[int, str]:
+        """Control tokens matched in raw text before normalisation (ids 0-7 and 255000+ for Command-R)."""
+        return dict(self._added)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tk.get_vocab(with_added_tokens=True)
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | None | list[str | None]:
+        """Raw vocabulary strings (``'Ġthis'``); None for ids outside the vocabulary."""
+        if isinstance(ids, int):
+            return self._tk.id_to_token(ids)
+        return [self._tk.id_to_token(i) for i in _id_list(ids)]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """Ids of vocabulary strings; unknown strings give ``unk_token_id`` (None for Command-R, which sets no unk)."""
+        if isinstance(tokens, str):
+            found = self._tk.token_to_id(tokens)
+            return found if found is not None else self.unk_token_id
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` prepends ``<BOS_TOKEN>``.
+
+        >>> tok.encode("Hello this is a test")                                   # doctest: +SKIP
+        [5, 28339, 2075, 1801, 1671, 3282]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | Sequence[str], padding: bool = True, add_special_tokens: bool = True,
+                 return_tensors: str | None = None) -> BatchEncoding:
+        """Encode one text or a batch. Batches are padded on ``padding_side`` (left by default) with the pad id.
+
+        A single string gives flat lists (or ``[1, n]`` tensors with ``return_tensors="pt"``).
+
+        >>> tok(["Hi", "Hello there"], return_tensors="pt").attention_mask       # doctest: +SKIP
+        tensor([[0, 1, 1], [1, 1, 1]])
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a str or a list of str")
+        ids = [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return self._batch(ids, single, padding, return_tensors)
+
+    def _batch(self, ids: list[list[int]], single: bool, padding: bool, return_tensors: str | None) -> BatchEncoding:
+        masks = [[1] * len(seq) for seq in ids]
+        longest = max((len(seq) for seq in ids), default=0)
+        if padding and any(len(seq) != longest for seq in ids):
+            if self.pad_token_id is None:
+                raise ValueError("this tokenizer has no pad token, so a batch of different lengths cannot be padded")
+            if self.padding_side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+            left = self.padding_side == "left"
+            for i, seq in enumerate(ids):
+                n = longest - len(seq)
+                pads, zeros = [self.pad_token_id] * n, [0] * n
+                ids[i], masks[i] = (pads + seq, zeros + masks[i]) if left else (seq + pads, masks[i] + zeros)
+        if return_tensors is None:
+            return BatchEncoding(input_ids=ids[0] if single else ids, attention_mask=masks[0] if single else masks)
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if any(len(seq) != longest for seq in ids):
+            raise ValueError("sequences have different lengths; pass padding=True to get a tensor")
+        import torch  # only needed for tensors
+
+        return BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), longest),
+                             attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), longest))
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """Text of a list / 1-D tensor of ids. Spaces are never cleaned up; incomplete UTF-8 decodes to U+FFFD.
+
+        ``skip_special_tokens`` drops the added tokens flagged special (tokenizer.json's flags, overridden by
+        tokenizer_config.json's ``added_tokens_decoder``), exactly as transformers does.
+        """
+        id_list = _id_list(ids)
+        if skip_special_tokens:
+            id_list = [i for i in id_list if i not in self._skip_ids]
+        return self._tk.decode(id_list, skip_special_tokens=False)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """``decode`` for each row of a list of lists or a 2-D tensor."""
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
+
+    def token_pieces(self, ids: Any) -> list[TokenPiece]:
+        """Per-token bytes, readable text and character spans, for widgets.
+
+        Concatenating ``piece.bytes`` and decoding UTF-8 (with ``errors="replace"``) gives ``decode(ids)``.
+        When a character's bytes are split over tokens, every one of those tokens' spans covers the character.
+
+        >>> [p.text for p in tok.token_pieces(tok.encode(" 똠", add_special_tokens=False))]  # doctest: +SKIP
+        ['·<0xEB><0x98>', '<0xA0>']
+        """
+        id_list = _id_list(ids)
+        raw: list[tuple[str | None, bytes, bool]] = []
+        for i in id_list:
+            token = self._tk.id_to_token(i) if i >= 0 else None
+            if i in self._added:
+                raw.append((token, self._added[i].encode("utf-8"), True))
+            elif token is None:
+                raw.append((None, b"", False))  # e.g. the untrained rows 255029..255999 of a 256000-row embedding
+            else:
+                try:
+                    raw.append((token, bytes(_UNICODE_TO_BYTE[c] for c in token), False))
+                except KeyError:  # not byte-level (cannot happen for Cohere's vocab); tokenizers uses the UTF-8
+                    raw.append((token, token.encode("utf-8"), False))
+        # Map every byte of the whole sequence to the index of the character it decodes into.
+        char_of_byte: list[int] = []
+        n_chars = 0
+        for chunk, text in _utf8_segments(b"".join(data for _, data, _ in raw)):
+            if text is None:  # one U+FFFD for the whole ill-formed run
+                char_of_byte += [n_chars] * len(chunk)
+                n_chars += 1
+                continue
+            for ch in text:
+                char_of_byte += [n_chars] * len(ch.encode("utf-8"))
+                n_chars += 1
+        pieces, offset = [], 0
+        for i, (token, data, special) in zip(id_list, raw):
+            if data:
+                span = (char_of_byte[offset], char_of_byte[offset + len(data) - 1] + 1)
+            else:
+                pos = char_of_byte[offset] if offset < len(char_of_byte) else n_chars
+                span = (pos, pos)
+            text = self._added[i] if special else (_readable(data) if token is not None else f"<unused:{i}>")
+            pieces.append(TokenPiece(i, token, data, text, special, span))
+            offset += len(data)
+        return pieces
+
+    @property
+    def template_names(self) -> list[str]:
+        return sorted(self.chat_templates)
+
+    def get_chat_template(self, chat_template: str | None = None, tools: Sequence[Any] | None = None) -> str:
+        """Template source chosen like transformers: a known name, else a Jinja string; with no argument,
+        ``"tool_use"`` when ``tools`` are given and it exists, else ``"default"``. Documents do not select "rag"
+        (transformers does not either): ask for it by name, or use ``apply_grounded_generation_template``."""
+        if chat_template is not None:
+            if chat_template in self.chat_templates:
+                return self.chat_templates[chat_template]
+            if "{" in chat_template:  # a template string, not a name
+                return chat_template
+            raise ValueError(f"unknown chat template name {chat_template!r}; available: {self.template_names}")
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if not self.chat_templates:
+            raise ValueError(f"no chat template in {self.name_or_path or 'this tokenizer'} (tokenizer_config.json has "
+                             "no chat_template); pass chat_template=<jinja string>")
+        raise ValueError(f"no 'default' chat template; pass chat_template= one of {self.template_names}")
+
+    def apply_chat_template(self, messages: Sequence[Any], tools: Sequence[dict] | None = None,
+                            documents: Sequence[dict] | None = None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False, tokenize: bool = True,
+                            return_tensors: str | None = None, return_dict: bool = False, padding: bool = True,
+                            **template_kwargs: Any) -> Any:
+        """Render a conversation (or a list of conversations) with a chat template, optionally tokenized.
+
+        ``chat_template`` is a name ("default", "tool_use", "rag") or a Jinja string; extra keyword arguments
+        (e.g. ``citation_mode="fast"``) are template variables. Tokenizing uses ``add_special_tokens=False``,
+        because the template writes ``<BOS_TOKEN>`` itself. Returns the string (``tokenize=False``), ids
+        (``list[int]``, or a ``[1, n]`` LongTensor with ``return_tensors="pt"``) or, with ``return_dict``, a
+        ``BatchEncoding`` with ``input_ids`` and ``attention_mask``.
+
+        >>> tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
+        ...                         add_generation_prompt=True, tokenize=False)  # doctest: +SKIP
+        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hello, how are you?<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'
+        """
+        source = self.get_chat_template(chat_template, tools)
+        if isinstance(messages, (str, bytes)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        batched = isinstance(messages[0], (list, tuple))
+        if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+            raise TypeError("tools must be JSON-schema dicts (Command-R: name, description, parameter_definitions); "
+                            "convert Python functions with transformers.utils.get_json_schema first")
+        if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+            raise TypeError("documents must be a list of dicts, e.g. {'title': ..., 'text': ...}")
+        shared = _plain({**self.special_tokens_map, **template_kwargs})  # kwargs win over special tokens
+        shared.update(tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt)
+        rendered = [_render(source, {**shared, "messages": _normalize_messages(conversation)})
+                    for conversation in (messages if batched else [messages])]
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        ids = [e.ids for e in self._tk.encode_batch(rendered, add_special_tokens=False)]
+        out = self._batch(ids, not batched, padding, return_tensors)
+        return out if return_dict else out["input_ids"]
+
+    def apply_tool_use_template(self, messages: Sequence[Any], tools: Sequence[dict], **kwargs: Any) -> Any:
+        """Command-R tool-use prompt (transformers' ``CohereTokenizer.apply_tool_use_template``)."""
+        return self.apply_chat_template(messages, tools=tools, chat_template="tool_use", **kwargs)
+
+    def apply_grounded_generation_template(self, messages: Sequence[Any], documents: Sequence[dict],
+                                           citation_mode: str = "accurate", **kwargs: Any) -> Any:
+        """Command-R RAG prompt, ``citation_mode`` "accurate" (default, as transformers) or "fast"."""
+        return self.apply_chat_template(messages, documents=documents, chat_template="rag",
+                                        citation_mode=citation_mode, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name_or_path!r}, vocab={len(self)}, padding_side={self.padding_side!r}, "
+                f"templates={self.template_names})")
+
+
+def _resolve_named(path: str | os.PathLike) -> Path:
+    """A name that is not a folder goes through ``workbench.bundled.resolve_model_path`` when that module exists."""
+    try:
+        from workbench.bundled import resolve_model_path
+    except ImportError:
+        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r}") from None
+    try:
+        folder = Path(resolve_model_path(str(path)))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r} is neither a folder nor a bundled "
+                                f"model name ({e})") from e
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r} resolved to {folder}, which is not a folder")
+    return folder
+
+
+def _load_templates(folder: Path, raw: Any) -> dict[str, str]:
+    """Named templates: from ``chat_template.jinja`` + ``additional_chat_templates/*.jinja`` when present (these win,
+    as in transformers), else tokenizer_config.json's ``chat_template`` (a string, or a list of {name, template})."""
+    files = {}
+    if (folder / "chat_template.jinja").is_file():
+        files["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for file in sorted((folder / "additional_chat_templates").glob("*.jinja")):
+        files[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    if files:
+        return files
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        return {"default": raw}
+    if isinstance(raw, Mapping):
+        return {str(k): str(v) for k, v in raw.items()}
+    if isinstance(raw, list) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in raw):
+        return {t["name"]: t["template"] for t in raw}
+    raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                     "{'name': ..., 'template': ...}")
