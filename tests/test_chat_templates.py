@@ -15,6 +15,8 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers
 
 from workbench.tokenizer import ChatTemplateError, Tokenizer, UnsafeTemplateError
 
@@ -37,6 +39,15 @@ def _require_command_r() -> Path:
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return Tokenizer.from_pretrained(_require_command_r())
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Tokenizer:
+    """A byte-level tokenizer built in memory, so the sandbox tests also run where ../shared is absent."""
+    backend = Backend(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.add_special_tokens(["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"])
+    return Tokenizer(backend, {"chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"})
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +78,16 @@ TOOLS = [
     },
     {
         "name": "directly_answer",
-        "description": "Calls a standard (un-augmented) AI chatbot to generate a response given the conversation history",
+        "description": "Calls a standard (un-augmented) AI chatbot to generate a response given the conversation "
+                       "history",
         "parameter_definitions": {},
     },
 ]
 DOCUMENTS = [
     {"title": "Tall penguins", "text": "Emperor penguins are the tallest."},
     {"title": "Penguin habitats", "text": "Emperor penguins only live in Antarctica."},
-    {"url": "https://example.org/펭귄", "snippet": "황제펭귄은 가장 큰 펭귄이다 <co: 0>", "date": "2024-03-01"},
+    {"url": "https://example.org/펭귄", "snippet": "황제펭귄은 가장 큰 펭귄이다 <co: 0>",
+     "date": "2024-03-01"},
 ]
 SYSTEM = {"role": "system", "content": "You are a terse assistant. Answer in one line."}
 TURNS = [
@@ -187,7 +200,7 @@ def test_template_globals_and_filters_match_transformers(tok, hf):
     assert overridden == "X"  # template kwargs win over special tokens, as in transformers
 
 
-def test_rich_objects_become_placeholders(tok):
+def test_rich_objects_become_placeholders(tiny):
     @dataclasses.dataclass
     class Note:
         text: str
@@ -196,7 +209,7 @@ def test_rich_objects_become_placeholders(tok):
         def delete_everything(self) -> None:  # pragma: no cover - must never be reachable from a template
             raise AssertionError("called")
 
-    rendered = tok.apply_chat_template(
+    rendered = tiny.apply_chat_template(
         [{"role": "user", "content": Secret(), "note": Note("hi")}],
         chat_template="{{ messages[0].content }} {{ messages[0].note.text }}", tokenize=False,
     )
@@ -260,14 +273,23 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("template", HOSTILE)
-def test_hostile_templates_are_stopped(tok, template):
+def test_hostile_templates_are_stopped(tiny, template):
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(UnsafeTemplateError, match="unsafe operation") as caught:
-        tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+        tiny.apply_chat_template(messages, chat_template=template, tokenize=False)
     assert isinstance(caught.value, ChatTemplateError)
     assert messages == [{"role": "user", "content": "hi"}]  # the caller's data is untouched
 
 
-def test_import_statement_without_name_is_a_syntax_error(tok):
+def test_import_statement_without_name_is_a_syntax_error(tiny):
     with pytest.raises(ChatTemplateError, match="syntax error"):
-        tok.apply_chat_template(HELLO, chat_template="{% import os %}", tokenize=False)
+        tiny.apply_chat_template(HELLO, chat_template="{% import os %}", tokenize=False)
+
+
+def test_in_memory_tokenizer_renders_and_tokenizes(tiny):
+    assert tiny.template_names == ["default"] and tiny.bos_token == "<BOS_TOKEN>" and tiny.unk_token is None
+    assert tiny.apply_chat_template(HELLO, tokenize=False) == "<BOS_TOKEN>Hello, how are you?"
+    ids = tiny.apply_chat_template(HELLO)
+    assert ids[0] == tiny.bos_token_id and tiny.decode(ids) == "<BOS_TOKEN>Hello, how are you?"
+    with pytest.raises(ChatTemplateError, match="chat template failed: .*TypeError"):
+        tiny.apply_chat_template(HELLO, chat_template="{{ 'a' + 1 }}")

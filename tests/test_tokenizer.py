@@ -233,7 +233,8 @@ def test_token_pieces_reassemble_split_korean(tok):
 def test_token_pieces_readable_text_and_specials(tok):
     ids = tok.encode("a b\tc\nd <|END_OF_TURN_TOKEN|>")
     pieces = _check_pieces(tok, ids)
-    assert [p.text for p in pieces] == ["<BOS_TOKEN>", "a", "·b", "→", "c", "↵", "d", "·", "<|END_OF_TURN_TOKEN|>"]
+    expected = ["<BOS_TOKEN>", "a", "·b", "→", "c", "↵", "d", "·", "<|END_OF_TURN_TOKEN|>"]
+    assert [p.text for p in pieces] == expected
     assert [p.is_special for p in pieces] == [True] + [False] * 7 + [True]
     assert pieces[-1].bytes == b"<|END_OF_TURN_TOKEN|>"
     assert tok.token_pieces(torch.tensor(ids)) == pieces

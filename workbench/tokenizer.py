@@ -105,10 +105,6 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
 class _TemplateDict:
     """``dict(...)`` and ``dict.fromkeys`` for templates without exposing the ``dict`` type (as transformers)."""
 
@@ -116,7 +112,7 @@ class _TemplateDict:
 
 
 class _TemplateNamespace(jinja2.utils.Namespace):
-    """``namespace()`` that refuses underscore attributes, so ``ns.__class__`` cannot be planted (transformers' rule)."""
+    """``namespace()`` refusing underscore attributes, so ``ns.__class__`` cannot be planted (as transformers)."""
 
     def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick so namespace(self=...) works
         attrs = dict(*args[1:], **kwargs)
@@ -149,12 +145,12 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
 @lru_cache(maxsize=32)
 def _compile_template(source: str) -> jinja2.Template:
     if tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
-        raise ImportError(f"chat templates need jinja2>=3.1.6 (older versions have sandbox escapes); found {jinja2.__version__}")
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (older ones have sandbox escapes): {jinja2.__version__}")
     env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, loader=_NoTemplateLoader(),
                        extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_TemplateNamespace)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=_TemplateDict(), namespace=_TemplateNamespace)
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
@@ -168,10 +164,10 @@ def _render(source: str, variables: dict[str, Any]) -> str:
     except ChatTemplateError:
         raise
     except jinja2.exceptions.SecurityError as e:
-        raise UnsafeTemplateError(f"the chat template tried an unsafe operation and was stopped by the sandbox: {e}") from e
+        raise UnsafeTemplateError(f"the chat template tried an unsafe operation, stopped by the sandbox: {e}") from e
     except jinja2.exceptions.TemplateRuntimeError as e:
         if "assign attribute" in str(e):  # `{% set obj.attr = … %}` on anything but a namespace
-            raise UnsafeTemplateError(f"the chat template tried an unsafe operation (attribute assignment): {e}") from e
+            raise UnsafeTemplateError(f"the chat template tried an unsafe operation (assignment): {e}") from e
         raise ChatTemplateError(f"chat template failed: {e}") from e
     except Exception as e:  # noqa: BLE001 - e.g. `'a' + 1` inside the template; keep the cause chained
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
@@ -182,8 +178,10 @@ def _plain(value: Any) -> Any:
     methods the sandbox cannot judge, so anything else becomes an inert ``"<TypeName>"`` placeholder."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for base, kind in ((bool, bool), (str, str), (int, numbers.Integral), (float, numbers.Real)):
-        if isinstance(value, kind):  # enums, numpy scalars -> the plain type
+    if isinstance(value, str):  # str subclasses (enums) carry extra methods; str.__str__ gives the plain value
+        return str.__str__(value)
+    for base, kind in ((bool, bool), (int, numbers.Integral), (float, numbers.Real)):  # IntEnum, numpy scalars
+        if isinstance(value, kind):
             return base(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
@@ -283,7 +281,7 @@ class Tokenizer:
     >>> tok = Tokenizer.from_pretrained("path/to/command-r")                     # doctest: +SKIP
     >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
     ...                         return_tensors="pt").shape                       # doctest: +SKIP
-    torch.Size([1, 9])
+    torch.Size([1, 7])
     """
 
     bos_token, eos_token, unk_token = _Special("bos_token"), _Special("eos_token"), _Special("unk_token")
@@ -300,7 +298,8 @@ class Tokenizer:
         config = dict(config or {})
         self._tk, self.name_or_path = backend, name_or_path
         self.padding_side: str = config.get("padding_side", "left")
-        self.chat_templates: dict[str, str] = dict(chat_templates or {})
+        self.chat_templates: dict[str, str] = (dict(chat_templates) if chat_templates is not None
+                                               else _parse_templates(config.get("chat_template")))
         # special_tokens_map.json is legacy: transformers lets it override the config only without added_tokens_decoder.
         overrides = {} if "added_tokens_decoder" in config else dict(special_tokens_file or {})
         self.special_tokens_map: dict[str, str] = {}
@@ -326,8 +325,12 @@ class Tokenizer:
         # tokenizer_config.json's added_tokens_decoder (transformers pushes those flags into the backend).
         self._skip_ids = {i for i, t in added.items() if t.special}
         for key, spec in (config.get("added_tokens_decoder") or {}).items():
-            if int(key) in self._added and self._added[int(key)] == spec.get("content"):
-                (self._skip_ids.add if spec.get("special") else self._skip_ids.discard)(int(key))
+            if self._added.get(int(key)) != spec.get("content"):
+                continue
+            if spec.get("special"):
+                self._skip_ids.add(int(key))
+            else:
+                self._skip_ids.discard(int(key))
         if "add_bos_token" in config or "add_eos_token" in config:
             self._set_post_processor(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
 
@@ -340,8 +343,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load from a checkpoint folder (``tokenizer.json`` or ``tokenizer.json.gz``, optional
-        ``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``) or a bundled model name.
+        """Load a folder (``tokenizer.json`` or ``.json.gz``; optional ``tokenizer_config.json``,
+        ``special_tokens_map.json``, ``chat_template.jinja``) or a bundled name.
 
         >>> tok = Tokenizer.from_pretrained("command-r-tiny")                     # doctest: +SKIP
         """
@@ -357,8 +360,8 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - the Rust error types are not importable
             raise ValueError(f"could not load {file}: {e}") from e
         config = _read_json(folder / "tokenizer_config.json")
-        return cls(backend, config, _read_json(folder / "special_tokens_map.json"),
-                   _load_templates(folder, config.get("chat_template")), str(folder))
+        return cls(backend, config, _read_json(folder / "special_tokens_map.json"), _template_files(folder),
+                   str(folder))
 
     def __len__(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
@@ -417,7 +420,8 @@ class Tokenizer:
         A single string gives flat lists (or ``[1, n]`` tensors with ``return_tensors="pt"``).
 
         >>> tok(["Hi", "Hello there"], return_tensors="pt").attention_mask       # doctest: +SKIP
-        tensor([[0, 1, 1], [1, 1, 1]])
+        tensor([[0, 1, 1],
+                [1, 1, 1]])
         """
         single = isinstance(text, str)
         texts = [text] if single else list(text)
@@ -549,7 +553,7 @@ class Tokenizer:
 
         >>> tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
         ...                         add_generation_prompt=True, tokenize=False)  # doctest: +SKIP
-        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hello, how are you?<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'
+        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hello, how are you?<|END_OF_TURN_TOKEN|><|START_OF_TURN_...'
         """
         source = self.get_chat_template(chat_template, tools)
         if isinstance(messages, (str, bytes)) or not messages:
@@ -593,24 +597,27 @@ def _resolve_named(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r}") from None
     try:
         folder = Path(resolve_model_path(str(path)))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r} is neither a folder nor a bundled "
-                                f"model name ({e})") from e
+    except Exception as e:  # noqa: BLE001 - whatever the resolver raises for an unknown name; chained below
+        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r} is not a folder, and the bundled-model "
+                                f"lookup failed: {e}") from e
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r} resolved to {folder}, which is not a folder")
+        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r} resolved to {folder}")
     return folder
 
 
-def _load_templates(folder: Path, raw: Any) -> dict[str, str]:
-    """Named templates: from ``chat_template.jinja`` + ``additional_chat_templates/*.jinja`` when present (these win,
-    as in transformers), else tokenizer_config.json's ``chat_template`` (a string, or a list of {name, template})."""
+def _template_files(folder: Path) -> dict[str, str] | None:
+    """``chat_template.jinja`` + ``additional_chat_templates/*.jinja``; when present they win over the config's
+    ``chat_template``, as in transformers. None when there are none."""
     files = {}
     if (folder / "chat_template.jinja").is_file():
         files["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     for file in sorted((folder / "additional_chat_templates").glob("*.jinja")):
         files[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
-    if files:
-        return files
+    return files or None
+
+
+def _parse_templates(raw: Any) -> dict[str, str]:
+    """tokenizer_config.json's ``chat_template``: a string (named "default"), or a list of {name, template}."""
     if raw is None:
         return {}
     if isinstance(raw, str):
@@ -619,5 +626,4 @@ def _load_templates(folder: Path, raw: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in raw.items()}
     if isinstance(raw, list) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in raw):
         return {t["name"]: t["template"] for t in raw}
-    raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
-                     "{'name': ..., 'template': ...}")
+    raise ValueError("tokenizer_config.json: chat_template must be a string or a list of {'name', 'template'} dicts")
