@@ -164,9 +164,18 @@ class Attention(nn.Module):
             z = self._fused(q, k, v, mask, is_causal)
         z = self.hook_z(rearrange(z, "b h s d -> b s h d"))   # [batch pos head d_head]
         if self.hook_result.has_hooks:
-            result = torch.einsum("bshd,hdm->bshm", z, self.W_O)
-            return self.hook_result(result).sum(dim=2)
+            return self.hook_result(self._per_head_result(z)).sum(dim=2)
         return self.o_proj(rearrange(z, "b s h d -> b s (h d)"))
+
+    def _per_head_result(self, z: torch.Tensor) -> torch.Tensor:
+        """[batch pos head d_model]: each head's z through its slice of o_proj."""
+        if type(self.o_proj) is nn.Linear:
+            return torch.einsum("bshd,hdm->bshm", z, self.W_O)
+        # Quantized (bitsandbytes) o_proj: its weight is packed, so run the module itself on a
+        # block-diagonal input in which row h holds only head h's z.
+        eye = torch.eye(self.n_heads, dtype=z.dtype, device=z.device)
+        blocks = torch.einsum("bshd,hg->bshgd", z, eye)
+        return self.o_proj(rearrange(blocks, "b s h g d -> b s h (g d)"))
 
     def _explicit(self, q, k, v, mask, masks):
         k = repeat_kv(k, self.group)                  # [batch head k_pos d_head]
