@@ -10,7 +10,7 @@ Example::
     logits, cache = model.run_with_cache(ids)
 """
 
-from .activation_cache import ActivationCache
+from .activation_cache import ActivationCache, CacheMismatchError
 from .config import CommandRConfig, ConfigError
 from .hook_points import HookContext, HookError, HookPoint, StopForward
 from .model import HookedCommandR
@@ -37,7 +37,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "ActivationCache", "CommandRConfig", "ConfigError", "HookContext", "HookError", "HookPoint",
+    "ActivationCache", "CacheMismatchError", "CommandRConfig", "ConfigError", "HookContext", "HookError", "HookPoint",
     "HookedCommandR", "StopForward", *_LAZY,
 ]
 __version__ = "0.1.0"

@@ -225,4 +225,5 @@ class HookedRootModule(nn.Module):
 
         store, cache_hooks = self.cache_hooks(names_filter, device)
         logits = self.run_with_hooks(input_ids, *args, fwd_hooks=list(fwd_hooks or ()) + cache_hooks, **kwargs)
-        return logits, ActivationCache(store, self)
+        tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None
+        return logits, ActivationCache(store, self, metadata={"tokens": tokens})

@@ -169,10 +169,11 @@ class Attention(nn.Module):
 
     def _per_head_result(self, z: torch.Tensor) -> torch.Tensor:
         """[batch pos head d_model]: each head's z through its slice of o_proj."""
-        if type(self.o_proj) is nn.Linear:
+        if type(self.o_proj) is nn.Linear and self.o_proj.weight.device.type != "meta":
             return torch.einsum("bshd,hdm->bshm", z, self.W_O)
-        # Quantized (bitsandbytes) o_proj: its weight is packed, so run the module itself on a
-        # block-diagonal input in which row h holds only head h's z.
+        # Quantized (bitsandbytes: packed weight) or offloaded (accelerate: weight only present
+        # inside o_proj's own forward) o_proj: run the module itself on a block-diagonal input in
+        # which row h holds only head h's z.
         eye = torch.eye(self.n_heads, dtype=z.dtype, device=z.device)
         blocks = torch.einsum("bshd,hg->bshgd", z, eye)
         return self.o_proj(rearrange(blocks, "b s h g d -> b s h (g d)"))
@@ -329,10 +330,10 @@ class HookedCommandR(HookedRootModule):
             raise ValueError(f"input_ids: expected shape [batch, pos], got {tuple(input_ids.shape)}")
         past_len = kv_cache.seen if kv_cache is not None else 0
         n_new = input_ids.shape[1]
-        x = self.hook_embed(self.embed(input_ids))
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + n_new, device=x.device)[None]
+            position_ids = torch.arange(past_len, past_len + n_new, device=input_ids.device)[None]
         self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
+        x = self.hook_embed(self.embed(input_ids))
         if attention_mask is not None and attention_mask.shape != (input_ids.shape[0], past_len + n_new):
             raise ValueError(f"attention_mask: expected shape {(input_ids.shape[0], past_len + n_new)} "
                              f"[batch, past + pos], got {tuple(attention_mask.shape)}")
