@@ -1,5 +1,7 @@
 """cohere2 (Command R7B / Command A): sliding-window layers with rotary, global layers without."""
 
+import json
+
 import pytest
 import torch
 
@@ -15,10 +17,21 @@ COHERE2 = {
 }
 
 
-@pytest.fixture(scope="module", params=list(COHERE2))
+@pytest.fixture(scope="module", params=list(COHERE2) + ["legacy-r7b-config"])
 def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("c2" + request.param)
-    return make_hf_checkpoint(path, seed=3, model_type="cohere2", **COHERE2[request.param])
+    if request.param != "legacy-r7b-config":
+        return make_hf_checkpoint(path, seed=3, model_type="cohere2", **COHERE2[request.param])
+    # the form of the real R7B config.json: sliding_window_pattern instead of layer_types, int theta
+    make_hf_checkpoint(path, seed=5, model_type="cohere2", **COHERE2["pattern4"])
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("layer_types")
+    cfg.pop("rope_parameters", None)
+    cfg.update(sliding_window_pattern=4, rope_theta=50000, rope_scaling=None, torch_dtype="float32",
+               order_of_interleaved_layers="local_attn_first", cache_implementation="hybrid")
+    cfg_file.write_text(json.dumps(cfg))
+    return str(path)
 
 
 def _ids(batch=2, pos=23):

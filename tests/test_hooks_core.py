@@ -151,6 +151,24 @@ def test_raising_hooks_leave_nothing_attached_and_memory_flat(model):
     assert all(not hp.has_hooks for hp in model.hook_dict.values())
     assert after - before < 20 * 1024, f"peak RSS grew by {(after - before) / 1024:.1f} MB"
 
+    # nothing keeps a raising hook (or what it closes over) alive
+    import weakref
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    ref = weakref.ref(payload)
+
+    def boom_with_payload(x, hook, payload=payload):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_post", boom_with_payload)])
+    del payload, boom_with_payload
+    gc.collect()
+    assert ref() is None
+
 
 def test_keyboard_interrupt_in_hook_cleans_up(model):
     def interrupt(x, hook):
@@ -272,3 +290,99 @@ def test_both_config_spellings():
     assert v4.rope_theta == v5.rope_theta == 8e6
     assert v4.torch_dtype == v5.torch_dtype == torch.float16
     assert CommandRConfig.from_preset("command-r-v01").n_kv_heads == 64
+
+
+def test_ln1_scale_edits_in_and_out_of_place_and_backward(model):
+    ids = _ids()
+    w = model.blocks[0].ln1.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(0.5)
+            want = model(ids)            # doubling the divisor == halving the LayerNorm weight
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+    def in_place(x, hook):
+        x.mul_(2)
+
+    out_of_place = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda x, h: x * 2)])
+    edited = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.ln1.hook_scale", in_place)])
+    torch.testing.assert_close(out_of_place, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(edited, want, atol=1e-6, rtol=1e-5)
+    fired = []
+    with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_scale", lambda x, h: None)],
+                     bwd_hooks=[("blocks.0.ln1.hook_scale", lambda g, h: fired.append(g.shape))]):
+        logits = model(ids)
+        assert torch.equal(logits, model(ids))        # listening changes nothing
+        logits[:, -1].sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert fired == [torch.Size([2, 7, 1])]
+
+
+def test_identity_hooks_bitwise_bf16():
+    m = HookedCommandR.from_config(CommandRConfig(**CFG), seed=1, dtype=torch.bfloat16)
+    ids = _ids()
+    plain = m(ids)
+    hooked = m.run_with_hooks(ids, fwd_hooks=[(lambda n: not n.endswith("hook_result"), lambda x, h: x.clone())])
+    m.attn_impl = "explicit"
+    assert torch.equal(hooked, m(ids))
+    assert plain.dtype == torch.bfloat16
+
+
+def test_bad_inputs_refused_before_anything_runs(model):
+    fired = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, h: fired.append(1))]):
+        with pytest.raises(ValueError, match="vocab_size=101"):
+            model(torch.tensor([[1, 2, 101]]))
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(_ids(), attention_mask=torch.ones(2, 3))
+        with pytest.raises(ValueError, match="position_ids"):
+            model(_ids(), position_ids=torch.arange(5)[None])
+        with pytest.raises(ValueError, match="input_ids"):
+            model(torch.randn(2, 3))
+    assert fired == []
+    with pytest.raises(ValueError, match="attn_impl"):
+        model.attn_impl = "eager"
+
+
+def test_names_filter_typo_and_cache_device(model):
+    with pytest.raises(HookError, match="closest"):
+        model.run_with_cache(_ids(), names_filter="blocks.0.attn.hook_patern")
+    _, cache = model.run_with_cache(_ids(), names_filter=["hook_embed"], device="meta")
+    assert cache["hook_embed"].device.type == "meta"
+
+
+def test_backward_hook_wrong_shape_names_hook(model):
+    with model.hooks(bwd_hooks=[("blocks.1.hook_resid_post", lambda g, h: g[:, :1])]):
+        logits = model(_ids())
+        with pytest.raises(HookError, match=r"blocks\.1\.hook_resid_post \(backward\)"):
+            logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_pattern_equals_reference_attentions(tmp_path):
+    from _reference import load_reference, make_hf_checkpoint
+
+    path = make_hf_checkpoint(tmp_path, seed=4)
+    ref = load_reference(path, torch.bfloat16)
+    ours = HookedCommandR.from_pretrained(path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        attentions = ref(ids, output_attentions=True).attentions
+        _, cache = ours.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    for i, a in enumerate(attentions):
+        assert torch.equal(cache["pattern", i], a)
+
+
+def test_cohere_config_ignores_sliding_keys_like_transformers():
+    base = dict(model_type="cohere", vocab_size=10, hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=32, sliding_window=3, rope_theta=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 8e6}, logit_scale=None)
+    cfg = CommandRConfig.from_dict(base)
+    assert cfg.layer_window(0) is None and cfg.rope_theta == 8e6 and cfg.logit_scale == 0.0625
+    with pytest.raises(ConfigError, match="sliding_window_pattern"):
+        CommandRConfig.from_dict({**base, "model_type": "cohere2", "sliding_window_pattern": 0})
+    with pytest.raises(ConfigError, match="logit_scale"):
+        CommandRConfig.from_dict({**base, "logit_scale": "big"})

@@ -101,6 +101,8 @@ class CommandRConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{_HF_NAME.get(name, name)}: expected a positive integer, got {value!r}")
+        if self.d_head is not None and (not isinstance(self.d_head, int) or self.d_head <= 0):
+            raise ConfigError(f"head_dim: expected a positive integer, got {self.d_head!r}")
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise ConfigError(
@@ -124,14 +126,22 @@ class CommandRConfig:
         if self.model_type == "cohere":
             if self.layer_types is None:
                 self.layer_types = [FULL] * self.n_layers
+            if SLIDING in self.layer_types or self.sliding_window is not None:
+                raise ConfigError("layer_types/sliding_window: cohere models have only full attention "
+                                  "(transformers' CohereForCausalLM ignores these keys); use model_type cohere2")
         else:
             if self.use_qk_norm:
                 raise ConfigError("use_qk_norm: cohere2 models have no QK-norm; expected false")
             if self.layer_types is None:
-                pattern = int(self.extra.get("sliding_window_pattern", 4))
+                pattern = self.extra.get("sliding_window_pattern", 4)
+                if not isinstance(pattern, int) or pattern <= 0:
+                    raise ConfigError(f"sliding_window_pattern: expected a positive integer, got {pattern!r}")
                 self.layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(self.n_layers)]
             if self.sliding_window is None and SLIDING in self.layer_types:
-                raise ConfigError("sliding_window: required when a layer is 'sliding_attention'")
+                raise ConfigError("sliding_window: required when a layer is 'sliding_attention' "
+                                  "(transformers would default to 4096; real configs always give it)")
+            if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+                raise ConfigError(f"sliding_window: expected a positive integer, got {self.sliding_window!r}")
         if len(self.layer_types) != self.n_layers:
             raise ConfigError(
                 f"layer_types: has {len(self.layer_types)} entries, expected num_hidden_layers = {self.n_layers}"
@@ -181,6 +191,7 @@ class CommandRConfig:
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ConfigError(f"config.json is missing required keys: {missing}")
+        d = {k: v for k, v in d.items() if v is not None}   # null means absent, as in transformers
         rope = d.get("rope_parameters") or {}
         rope_theta = d.get("rope_theta", rope.get("rope_theta"))
         if rope_theta is None:  # transformers' defaults when absent (spec §1)
@@ -189,6 +200,12 @@ class CommandRConfig:
         if rope_scaling is None and rope.get("rope_type", "default") != "default":
             rope_scaling = rope
         dtype = d.get("torch_dtype", d.get("dtype"))
+        def num(key, default, kind=float):
+            try:
+                return kind(default if key == "rope_theta" else d.get(key, default))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: expected a number, got {d.get(key)!r}") from None
+
         kwargs = dict(
             vocab_size=d["vocab_size"],
             d_model=d["hidden_size"],
@@ -198,23 +215,25 @@ class CommandRConfig:
             n_kv_heads=d.get("num_key_value_heads"),
             d_head=d.get("head_dim"),
             model_type=model_type,
-            rope_theta=float(rope_theta),
+            rope_theta=num("rope_theta", rope_theta),
             rope_scaling=rope_scaling,
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
-            logit_scale=float(d.get("logit_scale", 0.0625)),
+            layer_norm_eps=num("layer_norm_eps", 1e-5),
+            logit_scale=num("logit_scale", 0.0625),
             use_qk_norm=bool(d.get("use_qk_norm", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            max_position_embeddings=num("max_position_embeddings", 8192, int),
             hidden_act=d.get("hidden_act", "silu"),
             attention_bias=bool(d.get("attention_bias", False)),
             bos_token_id=d.get("bos_token_id", 5),
             eos_token_id=d.get("eos_token_id", 255001),
             pad_token_id=d.get("pad_token_id", 0),
             torch_dtype=dtype,
-            sliding_window=d.get("sliding_window"),
-            layer_types=d.get("layer_types"),
+            sliding_window=d.get("sliding_window") if model_type == "cohere2" else None,
+            layer_types=d.get("layer_types") if model_type == "cohere2" else None,
         )
         known = set(_REQUIRED) | _KNOWN_OPTIONAL
+        if model_type == "cohere":   # transformers' CohereForCausalLM ignores these: keep them for saving only
+            known = known - {"sliding_window", "layer_types"}
         kwargs["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kwargs)
 

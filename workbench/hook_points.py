@@ -85,12 +85,7 @@ class HookPoint(nn.Module):
         for entry in tuple(self._fwd):
             out = entry.fn(x, self)
             if out is not None:
-                if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
-                    got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise HookError(
-                        f"hook on {self.name!r} returned {got}; expected a tensor of shape "
-                        f"{tuple(x.shape)} and dtype {x.dtype} (or None to leave it unchanged)"
-                    )
+                _check_return(self.name, out, x)
                 x = out
         if self._bwd and x.requires_grad:
             for entry in tuple(self._bwd):
@@ -114,13 +109,26 @@ class _Entry:
     __hash__ = object.__hash__
 
 
+def _check_return(name: str, out, x: torch.Tensor) -> None:
+    if (not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype
+            or out.device != x.device):
+        got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise HookError(
+            f"hook on {name!r} returned {got}; expected a tensor of shape {tuple(x.shape)}, "
+            f"dtype {x.dtype} on {x.device} (or None to leave it unchanged)"
+        )
+
+
 def _grad_hook(entry: _Entry, hook: HookPoint):
     # A gradient hook lives on the autograd graph, which can outlive the ``hooks()`` block; once
     # the entry was removed it does nothing.
     def fn(grad: torch.Tensor):
-        if entry.active:
-            return entry.fn(grad, hook)
-        return None
+        if not entry.active:
+            return None
+        out = entry.fn(grad, hook)
+        if out is not None:
+            _check_return(hook.name + " (backward)", out, grad)
+        return out
 
     return fn
 
@@ -206,6 +214,11 @@ class HookedRootModule(nn.Module):
         """(store, fwd_hooks) that copy every selected activation into ``store`` (detached)."""
         from .activation_cache import names_filter_fn
 
+        if isinstance(names_filter, str):
+            self._resolve(names_filter)            # a typo raises with the closest names
+        elif isinstance(names_filter, (list, tuple, set)):
+            for name in names_filter:
+                self._resolve(name)
         keep = names_filter_fn(names_filter)
         store = {} if store is None else store
 

@@ -26,6 +26,7 @@ Axis legend (used in shape comments, hook docs and widgets)::
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -49,9 +50,13 @@ def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_hoo
     inv = torch.rsqrt(var + eps)
     if scale_hook is not None and scale_hook.has_hooks:
         scale = torch.sqrt(var + eps)                      # [batch pos 1], float32
+        before = scale.detach().clone()                    # detects in-place edits by a hook
         hooked = scale_hook(scale)
-        if hooked is not scale:                            # a hook replaced the divisor (e.g. frozen)
-            inv = hooked.reciprocal()
+        if hooked is not scale or not torch.equal(scale.detach(), before):
+            inv = hooked.reciprocal()                      # replaced (e.g. frozen) or edited divisor
+        elif scale_hook._bwd and torch.is_grad_enabled() and scale.requires_grad:
+            r = scale.reciprocal()
+            inv = inv.detach() + (r - r.detach())          # same value bit for bit; gradient via hook_scale
     y = centred * inv
     y = weight.to(torch.float32) * y
     return y.to(dtype)
@@ -85,10 +90,16 @@ class QKNorm(nn.Module):
 
 def rotary_tables(positions: torch.Tensor, d_head: int, theta: float, dtype: torch.dtype):
     """cos, sin [batch|1 pos d_head] for interleaved rotary: fp32 angles rounded to model dtype."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device=positions.device).float() / d_head))
+    inv_freq = _inv_freq(d_head, float(theta)).to(positions.device)
     freqs = positions[..., None].float() * inv_freq             # [batch pos d_head/2]
     emb = torch.repeat_interleave(freqs, 2, dim=-1)             # (f0, f0, f1, f1, ...)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _inv_freq(d_head: int, theta: float) -> torch.Tensor:
+    # On the CPU, as transformers computes its buffer (a GPU pow may differ by an ulp).
+    return 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,10 +165,8 @@ class Attention(nn.Module):
         k = rearrange(k, "b s h d -> b h s d")
         v = rearrange(v, "b s h d -> b h s d")
         if kv_cache is not None:
-            k, v, k_idx = kv_cache.update(layer, k, v)   # [batch kv_head k_pos d_head]
-        else:
-            k_idx = None
-        mask, is_causal = masks.get(self.window, k.shape[-2], k_idx, q.device)
+            k, v, _ = kv_cache.update(layer, k, v)       # [batch kv_head k_pos d_head]
+        mask, is_causal = masks.get(self.window, k.shape[-2], q.device)
         if explicit or self.needs_explicit():
             z = self._explicit(q, k, v, mask, masks)
         else:
@@ -183,7 +192,7 @@ class Attention(nn.Module):
         v = repeat_kv(v, self.group)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
         if mask is None:
-            mask = masks.dense(self.window, k.shape[-2], None, q.device)
+            mask = masks.dense(self.window, k.shape[-2], q.device)
         scores = self.hook_attn_scores(scores + mask)
         pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pattern = self.hook_pattern(pattern)
@@ -262,19 +271,20 @@ class Masks:
         self.pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         self._cache: dict = {}
 
-    def get(self, window: Optional[int], n_keys: int, k_idx: Optional[torch.Tensor], device=None):
+    def get(self, window: Optional[int], n_keys: int, device=None):
         window_cuts = window is not None and self.past_len + self.n_new > window
         if self.pad is None and not window_cuts:
             if self.n_new == 1:
                 return None, False
             if n_keys == self.n_new:
                 return None, True
-        return self.dense(window, n_keys, k_idx, device), False
+        return self.dense(window, n_keys, device), False
 
-    def dense(self, window, n_keys, k_idx=None, device=None) -> torch.Tensor:
+    def dense(self, window, n_keys, device=None) -> torch.Tensor:
         """[batch|1 1 q_pos k_pos] with 0 where visible and finfo.min elsewhere.
 
-        Keys are the last ``n_keys`` cache indices (a sliding-window cache keeps a suffix)."""
+        Keys are the last ``n_keys`` cache indices: the KV cache always returns a contiguous suffix
+        (a sliding-window layer keeps only its last window - 1 keys)."""
         device = torch.device(device if device is not None else self.device)
         key = (window, n_keys, device)
         if key not in self._cache:
@@ -326,17 +336,13 @@ class HookedCommandR(HookedRootModule):
         ``arange`` after the cache (as transformers' plain forward; ``generate`` derives them from
         the mask for left padding). ``kv_cache`` is a ``workbench.kv_cache.KVCache``.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected shape [batch, pos], got {tuple(input_ids.shape)}")
         past_len = kv_cache.seen if kv_cache is not None else 0
+        self._check_inputs(input_ids, attention_mask, position_ids, past_len)
         n_new = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + n_new, device=input_ids.device)[None]
         self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
         x = self.hook_embed(self.embed(input_ids))
-        if attention_mask is not None and attention_mask.shape != (input_ids.shape[0], past_len + n_new):
-            raise ValueError(f"attention_mask: expected shape {(input_ids.shape[0], past_len + n_new)} "
-                             f"[batch, past + pos], got {tuple(attention_mask.shape)}")
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype)
         explicit = self.attn_impl == "explicit"
@@ -348,7 +354,38 @@ class HookedCommandR(HookedRootModule):
         logits = self.hook_logits_unscaled(self.unembed(x))
         return self.hook_logits(logits * self.cfg.logit_scale)
 
+    def _check_inputs(self, input_ids, attention_mask, position_ids, past_len: int) -> None:
+        """Refuse bad inputs before anything runs (no hook fires, the cache is untouched)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected an integer tensor of shape [batch, pos], got {got}")
+        batch, n_new = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"input_ids: ids must be in [0, vocab_size={self.cfg.vocab_size}), got "
+                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, past_len + n_new):
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask: expected a tensor of shape {(batch, past_len + n_new)} "
+                                 f"[batch, past + pos], got {got}")
+        if position_ids is not None:
+            if (not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2
+                    or position_ids.shape[1] != n_new or position_ids.shape[0] not in (1, batch)):
+                got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+                raise ValueError(f"position_ids: expected a tensor of shape [batch or 1, pos] = [{batch} or 1, {n_new}], got {got}")
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def attn_impl(self) -> str:
+        """"auto" (fused unless a layer's scores/pattern are hooked), "explicit" (bit-exact) or "fused"."""
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, value: str) -> None:
+        if value not in ("auto", "explicit", "fused"):
+            raise ValueError(f"attn_impl: expected 'auto', 'explicit' or 'fused', got {value!r}")
+        self._attn_impl = value
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
