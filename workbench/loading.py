@@ -1,20 +1,35 @@
 """Checkpoint I/O: HF tensor names <-> ours in one table, random init, load and save.
 
-(Minimal version: single ``model.safetensors``; the loading issue extends it.)
+Loading reads a Hugging Face checkpoint folder (``config.json``, ``generation_config.json``,
+``model.safetensors`` or ``model.safetensors.index.json`` + shards) without needing twice the
+memory: the model is built on the meta device and every tensor is taken straight from the files —
+memory-mapped (no copy) when its dtype is already the target dtype and it stays on the CPU, read
+into a buffer and cast one tensor at a time otherwise. Everything is validated *before* a single
+weight is placed (missing/unexpected tensors, shapes, corrupt shards, a tied ``lm_head`` that
+differs from the embedding ...), so a bad folder raises and nothing is half-loaded.
+
+Example::
+
+    model = HookedCommandR.from_pretrained("/ckpt/c4ai-command-r-v01", torch_dtype="auto",
+                                           device_map="auto", offload_folder="/scratch/offload")
+    model.save_pretrained("/tmp/copy", max_shard_size="2GB")
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import struct
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from torch import nn
 
-from .config import CommandRConfig, parse_dtype
+from .config import CommandRConfig, dtype_name, parse_dtype
 
 # HF name <-> our name, one row per tensor kind; "{i}" is the layer index. Used both ways.
 NAME_MAP = [
@@ -32,6 +47,16 @@ NAME_MAP = [
     ("model.norm.weight", "ln_final.weight"),
     ("lm_head.weight", "unembed.weight"),
 ]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
+                 "consolidated.00.pth", "tf_model.h5", "flax_model.msgpack")
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as is; the message names the file and tensor."""
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -56,6 +81,7 @@ def hf_to_ours(name: str) -> Optional[str]:
 
 
 def ours_to_hf(name: str) -> str:
+    """``"blocks.3.mlp.up_proj.weight"`` -> ``"model.layers.3.mlp.up_proj.weight"`` (KeyError if unknown)."""
     hf = _rename(name, _OURS_TO_HF)
     if hf is None:
         raise KeyError(f"no Hugging Face name for parameter {name!r}")
@@ -77,45 +103,460 @@ def init_random(model, dtype=None, seed: Optional[int] = None):
     return model
 
 
-def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, **kwargs):
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    cfg = CommandRConfig.from_pretrained(path)
+# ---------------------------------------------------------------------------------------- reading
+@dataclass
+class TensorEntry:
+    """Where one checkpoint tensor lives: shard file, HF name, dtype, shape and byte range."""
+
+    file: str
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    start: int       # absolute byte offset of the data in ``file``
+    nbytes: int
+
+
+def _read_header(file: str) -> dict[str, TensorEntry]:
+    """Validate a shard with safetensors itself, then read its header for byte offsets."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = set(f.keys())
+    except Exception as e:  # SafetensorError: truncated, corrupt, not safetensors
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
+                              "it may be truncated or corrupt - download it again") from None
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    entries = {}
+    for name in names:
+        info = header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {info['dtype']}; "
+                                  f"expected a float tensor ({', '.join(_ST_DTYPES)})")
+        b, e = info["data_offsets"]
+        entries[name] = TensorEntry(file, name, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, e - b)
+    return entries
+
+
+def read_tensor(entry: TensorEntry, dtype=None, device="cpu") -> torch.Tensor:
+    """Read one tensor into fresh memory (no mmap left behind), cast to ``dtype`` on ``device``."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    with open(entry.file, "rb") as fh:
+        fh.seek(entry.start)
+        got = fh.readinto(buf.numpy()) if entry.nbytes else 0
+    if got != entry.nbytes:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)")
+    t = buf.view(entry.dtype).reshape(entry.shape)
+    return t.to(device=device, dtype=dtype or entry.dtype)
+
+
+def _read_rows(entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a tensor (first axis), read from the file without touching the rest."""
+    row = entry.nbytes // max(1, entry.shape[0]) if entry.shape else entry.nbytes
+    part = TensorEntry(entry.file, entry.name, entry.dtype, (r1 - r0, *entry.shape[1:]), entry.start + r0 * row,
+                       (r1 - r0) * row)
+    return read_tensor(part)
+
+
+def _same_values(a: TensorEntry, b: TensorEntry, chunk_bytes: int = 1 << 26) -> bool:
+    """Equal shapes and values, compared ~64 MB at a time (a 256k-vocab embedding is GBs)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    if not a.shape:
+        return torch.equal(read_tensor(a, torch.float32), read_tensor(b, torch.float32))
+    rows = a.shape[0]
+    step = max(1, chunk_bytes // max(1, a.nbytes // max(1, rows)))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if not torch.equal(_read_rows(a, r0, r1).float(), _read_rows(b, r0, r1).float()):
+            return False
+    return True
+
+
+def find_weight_files(path: str) -> tuple[list[str], Optional[dict]]:
+    """The shard files of a folder (and the index's weight_map, if sharded); refuses pickles."""
+    index_file = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: expected JSON with a 'weight_map' object ({e!r})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{index_file} names shard(s) that are not in {path}: {missing}")
+        return [os.path.join(path, s) for s in shards], weight_map
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single], None
+    present = sorted(os.listdir(path))
+    pickles = [f for f in present if f in _PICKLE_FILES or f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle-based weights {pickles}; refusing to unpickle them (pickle can run "
+            "arbitrary code). Convert the checkpoint to safetensors (e.g. transformers' save_pretrained "
+            "with safe_serialization=True in a sandbox) and load that folder.")
+    shards = [f for f in present if f.endswith(".safetensors")]
+    hint = f" (found {shards} but no {INDEX_FILE})" if shards else ""
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}; files there: {present}")
+
+
+def scan_checkpoint(path: str) -> dict[str, TensorEntry]:
+    """HF tensor name -> TensorEntry for every tensor of the checkpoint, cross-checked with the index."""
+    files, weight_map = find_weight_files(path)
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        for name, entry in _read_header(file).items():
+            if name in entries:
+                raise CheckpointError(f"tensor {name!r} is in two shards: {entries[name].file} and {file}")
+            entries[name] = entry
+    for name, shard in (weight_map or {}).items():
+        if name not in entries or os.path.basename(entries[name].file) != shard:
+            raise CheckpointError(f"{os.path.join(path, INDEX_FILE)} says {name!r} is in {shard}, "
+                                  "but that shard does not contain it")
+    return entries
+
+
+def _listing(names, limit: int = 12) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def plan_sources(cfg: CommandRConfig, expected: dict[str, tuple], entries: dict[str, TensorEntry],
+                 path: str) -> dict[str, TensorEntry]:
+    """Our parameter name -> its TensorEntry, after every check; raises before anything is loaded.
+
+    ``expected`` is our state_dict name -> shape (``unembed.weight`` included even when tied).
+    """
+    sources: dict[str, TensorEntry] = {}
+    unexpected, zero_biases = [], []
+    for hf_name, entry in entries.items():
+        ours = hf_to_ours(hf_name)
+        if ours == "unembed.weight" and cfg.tie_word_embeddings:
+            continue  # checked against the embedding below
+        if ours is None or ours not in expected:
+            if hf_name.endswith(".bias") and hf_to_ours(hf_name[:-5] + ".weight") is not None:
+                zero_biases.append(entry)  # stray all-zero biases (spec §3.7): checked, then dropped
+            else:
+                unexpected.append(hf_name)
+            continue
+        sources[ours] = entry
+    tied = cfg.tie_word_embeddings
+    missing = [f"{ours_to_hf(n)} ({n})" for n in expected if n not in sources and not (tied and n == "unembed.weight")]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {_listing(unexpected)}")
+        raise CheckpointError(f"{path}: checkpoint does not match config.json "
+                              f"(model_type {cfg.model_type!r}, {cfg.n_layers} layers, "
+                              f"use_qk_norm={cfg.use_qk_norm}): " + "; ".join(parts))
+    bad = [f"{e.name}: file {list(e.shape)} vs expected {list(expected[n])}"
+           for n, e in sources.items() if tuple(e.shape) != tuple(expected[n])]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatch with config.json: " + "; ".join(bad))
+    for entry in zero_biases:
+        if bool(read_tensor(entry).any()):
+            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is a non-zero bias; Command-R has no "
+                                  "biases (attention_bias=false), so this checkpoint is not supported")
+    if tied:
+        lm = entries.get(ours_to_hf("unembed.weight"))
+        if lm is not None:
+            emb = sources["embed.weight"]
+            if not _same_values(lm, emb):
+                raise CheckpointError(
+                    f"{lm.file}: lm_head.weight differs from model.embed_tokens.weight but config.json has "
+                    "tie_word_embeddings=true; set tie_word_embeddings to false to use the separate lm_head")
+        sources["unembed.weight"] = sources["embed.weight"]
+    return sources
+
+
+# ---------------------------------------------------------------------------------------- loading
+def resolve_dtype(cfg: CommandRConfig, torch_dtype=None, dtype=None) -> torch.dtype:
+    """None -> float32 (as the Command-R docs describe); "auto" -> config.json's dtype; explicit wins."""
+    if torch_dtype is not None and dtype is not None and parse_dtype_or_auto(torch_dtype) != parse_dtype_or_auto(dtype):
+        raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; pass one of them")
     want = torch_dtype if torch_dtype is not None else dtype
+    if want is None:
+        return torch.float32
     if want == "auto":
-        target = cfg.torch_dtype or torch.float32
+        return cfg.torch_dtype or torch.float32
+    return parse_dtype(want, "torch_dtype")
+
+
+def parse_dtype_or_auto(value):
+    return "auto" if value == "auto" else parse_dtype(value, "torch_dtype")
+
+
+def resolve_model_path(path) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    try:
+        from .bundled import BUNDLED_MODELS, resolve_model_path as bundled
+    except ImportError:
+        raise FileNotFoundError(f"checkpoint folder not found: {path}") from None
+    try:
+        return bundled(path)
+    except KeyError:
+        raise FileNotFoundError(f"checkpoint folder not found: {path} (and it is not a bundled model name; "
+                                f"bundled: {sorted(BUNDLED_MODELS)})") from None
+
+
+def read_generation_config(path: str) -> dict:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """No random init while building on meta: it is thrown away, and ``normal_`` on meta tensors goes
+    through torch's Python decompositions, whose first use imports the compiler stack (~5 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_",
+             "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_name)
+    if isinstance(value, nn.Parameter):
+        module._parameters[attr] = value
     else:
-        target = parse_dtype(want) or torch.float32
-    with torch.device("meta"):
-        model = cls(cfg)
-    file = os.path.join(path, "model.safetensors")
-    state = {}
-    with safe_open(file, framework="pt") as f:
-        for hf_name in f.keys():
-            ours = hf_to_ours(hf_name)
-            if ours is None:
-                raise KeyError(f"{file}: unexpected tensor {hf_name!r}")
-            state[ours] = f.get_tensor(hf_name).to(target)
-    if "unembed.weight" not in state and cfg.tie_word_embeddings:
-        state["unembed.weight"] = state["embed.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
+
+
+def _cast_tensor(entry: TensorEntry, dtype: torch.dtype, device) -> torch.Tensor:
+    """Map one tensor, cast/move it, unmap: only this tensor's source pages are resident meanwhile."""
+    with safe_open(entry.file, framework="pt") as f:
+        return f.get_tensor(entry.name).to(device=device, dtype=dtype)
+
+
+def _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path) -> None:
+    """Put every weight where ``device_map`` says: mmap (same dtype, CPU), cast (thread pool),
+    quantized, or recorded for disk offload. Tied weights on one device share one Parameter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from . import offload as off
+
+    bar = tqdm(total=len(expected), desc=f"Loading {os.path.basename(os.path.normpath(path))}",
+               unit="tensor", disable=not progress, leave=False)
+    handles: dict = {}                      # shard file -> safe_open handle (memory maps)
+    first: dict[tuple, str] = {}            # (file, tensor, device) -> our first name loaded from it
+    shared: list[tuple[str, str]] = []      # (name, name it shares a Parameter with)
+    casts = []
+    # casting reads the source through short-lived memory maps, a few tensors at once: torch's
+    # copy kernels release the GIL, and each source's pages leave memory with its map
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    try:
+        for name in expected:
+            entry, dev = sources[name], off.device_for(device_map, name)
+            if dev == "disk":
+                offload.add(name, entry)
+                bar.update(1)
+                continue
+            device = off.torch_device(dev)
+            key = (entry.file, entry.name, str(device))
+            if key in first:                                    # tied embedding / unembedding
+                shared.append((name, first[key]))
+                continue
+            first[key] = name
+            if quant is not None and quant.should_quantize(name):
+                module = model.get_submodule(name.rpartition(".")[0])
+                _set_tensor(model, name, quant.quantize(read_tensor(entry, target), dev, module))
+            elif entry.dtype == target and device.type == "cpu":
+                if entry.file not in handles:
+                    handles[entry.file] = safe_open(entry.file, framework="pt")
+                _set_tensor(model, name, handles[entry.file].get_tensor(entry.name))  # mmap, no copy
+            else:
+                casts.append((name, pool.submit(_cast_tensor, entry, target, device)))
+                continue
+            bar.update(1)
+        for name, future in casts:
+            _set_tensor(model, name, future.result())
+            bar.update(1)
+        for name, other in shared:
+            _set_tensor(model, name, model.get_parameter(other))
+            bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        handles.clear()
+
+
+def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device_map=None, max_memory=None,
+                    offload_folder=None, offload_buffers=False, quantization_config=None, progress=True):
+    """Load a Hugging Face checkpoint folder (or a bundled model name) into ``cls`` (HookedCommandR).
+
+    ``torch_dtype``/``dtype``: None -> float32, ``"auto"`` -> config.json's, or explicit. ``device``: one
+    device; or ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential" or {module: device})
+    with ``max_memory`` ({0: "20GiB", "cpu": "60GiB"}) and ``offload_folder`` for "disk" entries (without
+    it, disk-offloaded weights are read from the checkpoint's own shards). ``quantization_config``: a
+    ``workbench.QuantizationConfig``, a dict or transformers' ``BitsAndBytesConfig``.
+
+    Example::
+
+        model = HookedCommandR.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="auto")
+    """
+    from . import offload as off
+
+    path = resolve_model_path(path)
+    cfg = CommandRConfig.from_pretrained(path)
+    target = resolve_dtype(cfg, torch_dtype, dtype)
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device or device_map, not both")
+    generation_config = read_generation_config(path)
+    entries = scan_checkpoint(path)
+    with torch.device("meta"), _skip_init():
+        model = cls(cfg).to(target)      # placeholders in the target dtype (accelerate casts to them)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sources = plan_sources(cfg, expected, entries, path)
+
+    quant = None
+    if quantization_config is not None:
+        from .quantization import QuantizationConfig, replace_linear_layers
+
+        quant = QuantizationConfig.coerce(quantization_config)
+    if quant is not None and quant.enabled:
+        replace_linear_layers(model, quant, target)
+    else:
+        quant = None
+    device_map = off.resolve_device_map(model, device_map, max_memory, target, device)
+    if quant is not None and "disk" in device_map.values():
+        raise ValueError("device_map: a quantized model cannot be offloaded to disk; give it more max_memory")
+    offload = off.Offloader(path, offload_folder, target) if "disk" in device_map.values() else None
+
+    _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path)
+    if offload is not None:
+        offload.finish()
+    if cfg.tie_word_embeddings and model.unembed.weight.device == model.embed.weight.device:
         model.unembed.weight = model.embed.weight
-    if device is not None:
-        model.to(device)
+    off.dispatch(model, device_map, offload, offload_buffers)
+    model.generation_config = generation_config
+    model.name_or_path = path
     return model.eval()
 
 
-def save_pretrained(model, path, **kwargs) -> None:
-    os.makedirs(path, exist_ok=True)
+# ---------------------------------------------------------------------------------------- saving
+def parse_size(size) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2 * 2**30, ``1000`` -> 1000 (transformers' units)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size: cannot parse {size!r}; expected an int or e.g. '5GB', '500MB', '2GiB'")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def _gather(model) -> dict[str, torch.Tensor]:
+    """HF name -> CPU tensor for every weight, fetching offloaded (meta) ones from their store."""
+    from .offload import offloaded_tensor
+    from .quantization import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("save_pretrained: this model was loaded with quantization_config; saving bitsandbytes "
+                         "weights is not supported - load it without quantization to save it")
     state = {}
-    for name, p in model.state_dict().items():
-        if name == "unembed.weight" and model.cfg.tie_word_embeddings:
+    tied = model.cfg.tie_word_embeddings
+    for name, p in model.state_dict(keep_vars=True).items():
+        if name == "unembed.weight" and tied:
             continue
-        state[ours_to_hf(name)] = p.detach().contiguous().cpu()
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        t = offloaded_tensor(model, name) if p.is_meta else p.detach()
+        if t is None or t.is_meta:
+            raise ValueError(f"save_pretrained: parameter {name!r} is on the meta device and no offload "
+                             "store holds it; load real weights first")
+        state[ours_to_hf(name)] = t.to("cpu").contiguous()
+    return state
+
+
+def save_pretrained(model, path, max_shard_size="5GB", safe_serialization=True) -> None:
+    """Write the Hugging Face layout: config.json, generation_config.json and safetensors shards.
+
+    One ``model.safetensors`` if everything fits in ``max_shard_size``, otherwise
+    ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``. Tied models store no
+    ``lm_head.weight``. Offloaded weights are gathered one by one; quantized models are refused.
+
+    Example::
+
+        model.save_pretrained("/tmp/ckpt", max_shard_size="500MB")
+    """
+    from safetensors.torch import save_file
+
+    if not safe_serialization:
+        raise ValueError("save_pretrained: only safe_serialization=True (safetensors) is supported")
+    limit = parse_size(max_shard_size)
+    state = _gather(model)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    os.makedirs(path, exist_ok=True)
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    # Write to temporary names and rename: a model memory-mapped from this very folder keeps
+    # reading its old (now unlinked) files instead of seeing them rewritten under it.
+    for shard, fname in zip(shards, names):
+        tmp = os.path.join(path, fname + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, fname))
+    stale = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+    for f in os.listdir(path):
+        if stale.match(f) and f not in names:
+            os.remove(os.path.join(path, f))
+    index = os.path.join(path, INDEX_FILE)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {n: fname for shard, fname in zip(shards, names) for n in shard}
+        _write_json(index, {"metadata": {"total_size": total,
+                                         "total_parameters": sum(t.numel() for t in state.values())},
+                            "weight_map": dict(sorted(weight_map.items()))})
+    elif os.path.exists(index):
+        os.remove(index)
     cfg = model.cfg.to_dict()
-    cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    cfg["torch_dtype"] = dtype_name(next(iter(state.values())).dtype)
+    cfg.pop("dtype", None)
+    _write_json(os.path.join(path, "config.json"), cfg)
+    gen = dict(getattr(model, "generation_config", None) or {})
+    if not gen:
+        gen = {"_from_model_config": True, "bos_token_id": model.cfg.bos_token_id,
+               "eos_token_id": model.cfg.eos_token_id, "pad_token_id": model.cfg.pad_token_id}
+    _write_json(os.path.join(path, "generation_config.json"), gen)
+
+
+def _write_json(file: str, obj) -> None:
+    tmp = file + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, file)

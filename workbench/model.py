@@ -392,7 +392,10 @@ class HookedCommandR(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        """Where inputs go: the embedding's (execution) device, also under accelerate offload."""
+        from .offload import execution_device
+
+        return execution_device(self)
 
     @property
     def W_E(self) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""Placing a loaded model over GPUs, CPU and disk with accelerate (device_map / dispatch / offload).
+
+The unit that is never split is a ``Block`` (its parallel attention + MLP share one LayerNorm
+output). An offloaded block is loaded *whole* at the start of its forward
+(``preload_module_classes=["Block"]``): code inside the block that reads weights directly, such as
+``hook_result`` reading ``attn.W_O``, then sees real tensors rather than empty meta ones.
+
+Disk offload never needs the whole model in memory: "disk" weights are either referenced in the
+checkpoint's own safetensors shards (no copy; cast on the fly if the dtype differs) or, when an
+``offload_folder`` is given, written there once in the target dtype, one tensor at a time.
+
+Example::
+
+    model = HookedCommandR.from_pretrained(path, device_map="auto",
+                                           max_memory={0: "70GiB", 1: "70GiB", "cpu": "100GiB"},
+                                           offload_folder="/scratch/offload")
+    model.hf_device_map      # {"embed": 0, "blocks.0": 0, ..., "blocks.39": 1, "ln_final": 1, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .config import dtype_name
+
+NO_SPLIT = ["Block"]
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+Device = Union[int, str, torch.device]
+
+
+def torch_device(value: Device) -> torch.device:
+    """0 -> cuda:0, "cpu" -> cpu (accelerate's device_map values; "disk" is not a torch device)."""
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    return torch.device(value)
+
+
+def _normalise_value(key: str, value) -> Device:
+    if value == "disk" or isinstance(value, int):
+        return value
+    try:
+        torch_device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map[{key!r}]: {value!r} is not a device; expected e.g. 0, 'cuda:1', "
+                         "'cpu' or 'disk'") from None
+    return str(value) if isinstance(value, torch.device) else value
+
+
+def resolve_device_map(model: nn.Module, device_map, max_memory, dtype: torch.dtype,
+                       device=None) -> dict[str, Device]:
+    """A complete {module name: device} for ``model`` (on meta): explicit, inferred or one device."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory is only used together with device_map (e.g. device_map='auto')")
+        return {"": _normalise_value("", device if device is not None else "cpu")}
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
+        return {"": _normalise_value("", device_map)}
+    if isinstance(device_map, str):
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory, get_max_memory
+
+        # accelerate matches tied names by substring ("embed." is inside "unembed.") and then fails to
+        # find the tied module; plan with an untied unembedding instead (counted separately, so the
+        # plan is conservative) and re-tie after loading where both land on the same device.
+        tied = model.unembed.weight is model.embed.weight
+        if tied:
+            model.unembed.weight = nn.Parameter(torch.empty_like(model.embed.weight, device="meta"))
+        try:
+            max_memory = get_max_memory(max_memory)
+            if device_map != "sequential":
+                max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
+                                                 dtype=dtype, low_zero=device_map == "balanced_low_0")
+            return dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
+                                              dtype=dtype))
+        finally:
+            if tied:
+                model.unembed.weight = model.embed.weight
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map: expected one of {STRATEGIES}, a device or a dict, got {device_map!r}")
+    modules = dict(model.named_modules())
+    unknown = [k for k in device_map if k not in modules]
+    if unknown:
+        raise ValueError(f"device_map: unknown module name(s) {unknown}; use names like 'embed', "
+                         "'blocks.0', 'blocks.0.attn', 'ln_final', 'unembed' (or '' for the whole model)")
+    resolved = {k: _normalise_value(k, v) for k, v in device_map.items()}
+    uncovered = [n for n, _ in model.named_parameters(remove_duplicate=False) if device_for(resolved, n) is None]
+    if uncovered:
+        raise ValueError(f"device_map: no device for parameter(s) {uncovered[:8]}"
+                         f"{' ...' if len(uncovered) > 8 else ''}; every module needs an entry")
+    return resolved
+
+
+def device_for(device_map: dict, name: str) -> Optional[Device]:
+    """The device of the longest device_map key that is a prefix (module path) of ``name``."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        key = ".".join(parts[:i])
+        if key in device_map:
+            return device_map[key]
+    return None
+
+
+class Offloader:
+    """Collects the offload index of "disk" weights (accelerate's ``offload_index`` format)."""
+
+    def __init__(self, checkpoint: str, folder: Optional[str], dtype: torch.dtype) -> None:
+        self.checkpoint, self.folder, self.dtype = checkpoint, folder, dtype
+        self.index: dict[str, dict] = {}
+        self._written: dict[tuple, str] = {}
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+
+    def add(self, name: str, entry) -> None:
+        """Record where ``name`` (our parameter name) is read from during the forward."""
+        if self.folder is None:
+            info = {"safetensors_file": entry.file, "weight_name": entry.name}
+            if entry.dtype != self.dtype:
+                info["dtype"] = dtype_name(self.dtype)
+            self.index[name] = info
+            return
+        key = (entry.file, entry.name)
+        if key not in self._written:                  # a tied embedding is written once
+            from safetensors.torch import save_file
+
+            from .loading import read_tensor
+
+            file = os.path.join(os.path.abspath(self.folder), f"{name}.safetensors")
+            save_file({name: read_tensor(entry, self.dtype)}, file)
+            self._written[key] = (file, name)
+        file, weight_name = self._written[key]
+        self.index[name] = {"safetensors_file": file, "weight_name": weight_name}
+
+    def finish(self) -> None:
+        if self.folder is not None:
+            with open(os.path.join(self.folder, "index.json"), "w", encoding="utf-8") as f:
+                json.dump(self.index, f, indent=2)
+
+
+def dispatch(model: nn.Module, device_map: dict, offloader: Optional[Offloader], offload_buffers: bool = False):
+    """Attach accelerate's hooks when the map spans several devices or the disk; else nothing to do."""
+    model.hf_device_map = dict(device_map)
+    if len(set(map(str, device_map.values()))) == 1 and "disk" not in device_map.values():
+        return model
+    from accelerate import dispatch_model
+
+    index = offloader.index if offloader is not None else None
+    return dispatch_model(model, device_map, offload_dir=offloader.folder if offloader else None,
+                          offload_index=index or None, offload_buffers=offload_buffers,
+                          preload_module_classes=NO_SPLIT)
+
+
+def _hooks_of(module: nn.Module):
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))
+
+
+def offloaded_tensor(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """The real value of parameter ``name`` held by an accelerate offload hook (None if none has it)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        prefix, key = ".".join(parts[:i]), ".".join(parts[i:])
+        module = model.get_submodule(prefix)
+        for hook in _hooks_of(module):
+            weights = getattr(hook, "weights_map", None)
+            if weights is not None and getattr(hook, "offload", False):
+                try:
+                    return weights[key].to("cpu")
+                except KeyError:
+                    continue
+    return None
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs should be: the device accelerate runs the embedding on (or its weight's device)."""
+    for hook in _hooks_of(model.embed) + _hooks_of(model):
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch_device(dev)
+    return model.embed.weight.device
