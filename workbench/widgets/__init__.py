@@ -1,0 +1,22 @@
+"""Jupyter views of the model: tokens, attention, logit lens and live generation.
+
+Built on ipywidgets 8 + anywidget with plain ES modules and CSS in ``static/`` (no build step, no CDN, nothing
+fetched at display time). Token text reaches the page only through ``textContent``; numbers travel as bytes,
+and only the slice on screen. Every view also has ``to_html()``: a self-contained, script-free snapshot
+(also put in the output as ``text/html`` for exported notebooks).
+
+Example::
+
+    from workbench.widgets import TokenView, AttentionView, LogitLensView, GenerationView
+    TokenView(tok, "안녕하세요 👋")
+    AttentionView(model, tok, "The cat sat on the mat. The cat")
+    LogitLensView(model, tok, "The capital of France is", target=" Paris")
+    view = GenerationView(model, tok, "Once upon a time", max_new_tokens=30); view   # then view.run()
+"""
+
+from .attention_view import AttentionView
+from .generation_view import GenerationView
+from .logit_lens_view import LogitLensView
+from .token_view import TokenView
+
+__all__ = ["AttentionView", "GenerationView", "LogitLensView", "TokenView"]
