@@ -102,13 +102,22 @@ def _inv_freq(d_head: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x_2i, x_2i+1) of x [batch pos head d_head] in fp32."""
+def rotary_operands(cos: torch.Tensor, sin: torch.Tensor):
+    """(cos, signed_sin) [batch|1 pos 1 d_head] for ``apply_rotary``, built once per forward.
+
+    signed_sin = (-sin_0, sin_0, -sin_1, sin_1, ...), so rotating is
+    ``x * cos + swap_pairs(x) * signed_sin`` — bit-identical to ``rot(x) * sin`` (negation is exact)."""
+    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
+    return cos[:, :, None, :], (sin * sign)[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [batch pos head d_head] in fp32 (operands from ``rotary_operands``):
+    (x_2i, x_2i+1) -> (x_2i cos_i - x_2i+1 sin_i, x_2i+1 cos_i + x_2i sin_i)."""
     dtype = x.dtype
     x = x.float()
-    rot = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]           # broadcast over heads
-    return ((x * cos) + (rot * sin)).to(dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)    # (x_1, x_0, x_3, x_2, ...)
+    return ((x * cos) + (swapped * signed_sin)).to(dtype)
 
 
 class Attention(nn.Module):
@@ -329,12 +338,15 @@ class HookedCommandR(HookedRootModule):
 
     # ------------------------------------------------------------------ computation
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids [batch pos] -> logits [batch pos vocab].
 
         ``attention_mask`` [batch past+pos] (1 = real token) masks keys; ``position_ids`` default to
         ``arange`` after the cache (as transformers' plain forward; ``generate`` derives them from
         the mask for left padding). ``kv_cache`` is a ``workbench.kv_cache.KVCache``.
+        ``logits_to_keep`` > 0 unembeds only the last that many positions, as transformers (its
+        ``generate`` uses 1: same logits bit for bit, no [pos vocab] tensor for a long prompt);
+        ``ln_final`` hooks still see every position, ``hook_logits*`` only the kept ones.
         """
         past_len = kv_cache.seen if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, past_len)
@@ -344,13 +356,15 @@ class HookedCommandR(HookedRootModule):
         self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
         x = self.hook_embed(self.embed(input_ids))
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
-        rope = rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype)
+        rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
         explicit = self.attn_impl == "explicit"
         for block in self.blocks:
             x = block(x, rope, masks, kv_cache, explicit)
         if kv_cache is not None:
             kv_cache.advance(n_new)
         x = self.ln_final(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.hook_logits_unscaled(self.unembed(x))
         return self.hook_logits(logits * self.cfg.logit_scale)
 
