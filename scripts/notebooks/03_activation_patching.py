@@ -1,0 +1,182 @@
+# %% [markdown]
+# # 03 · Activation patching and ablations
+#
+# **Activation patching** localises where a model computes something. Run a *clean* prompt and a *corrupted*
+# prompt that differs in the one detail that decides the answer; then rerun the corrupted prompt with a single
+# activation taken from the clean run. If that one activation brings the clean answer back, it carries the
+# information that matters. Sweeping the patch over layers, positions and heads draws a map of the
+# computation.
+#
+# **Ablation** asks the complementary question: remove a component (zero it, replace it by its mean, or by
+# its value on another prompt) and see what breaks.
+#
+# Everything here uses the `hooks` package (`patch_sweep`, `patch_resid`, `ablate_heads`, `knockout`), which
+# returns ordinary `(hook name, fn)` pairs for `run_with_hooks` and `generate`.
+
+# %%
+import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
+
+# %%
+import plotly.graph_objects as go
+import torch
+
+import hooks
+from workbench import CommandRConfig, HookedCommandR, Tokenizer
+from workbench.loading import resolve_model_path
+
+torch.manual_seed(0)
+SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
+model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
+tok = Tokenizer.from_pretrained(MODEL)
+cfg = model.cfg
+
+
+def heatmap(z, x, y, title, zmid=None, height=300):
+    """A plotly heatmap of a [len(y), len(x)] tensor; labels made unique (plotly merges equal category labels)."""
+    x = [f"{i}:{s}" for i, s in enumerate(x)] if len(set(x)) < len(x) else list(x)
+    fig = go.Figure(go.Heatmap(z=z.float().cpu().numpy(), x=x, y=y, colorscale="RdBu", zmid=zmid,
+                               hovertemplate="%{y} · %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, height=height, width=760, margin=dict(t=40, b=40, l=70, r=20))
+    return fig
+
+# %% [markdown]
+# ## Clean and corrupted prompts
+#
+# The bundled model has learned a small table of facts ("The capital of France is Paris."). The two prompts
+# differ only in the country; the **metric** is the logit difference `logit(Paris) − logit(Rome)` at the last
+# position, normalised so that the corrupted run scores 0 and the clean run 1:
+#
+# `restored = (patched − corrupted) / (clean − corrupted)`.
+#
+# The prompts must have the same number of tokens, so each position means the same thing in both runs.
+
+# %%
+clean_text, corrupt_text, answer, wrong = "The capital of France is", "The capital of Italy is", " Paris", " Rome"
+clean = torch.tensor([tok.encode(clean_text)], device=model.device)
+corrupt = torch.tensor([tok.encode(corrupt_text)], device=model.device)
+assert clean.shape == corrupt.shape, f"prompts differ in length: {clean.shape} vs {corrupt.shape}"
+answer_id = tok.encode(answer, add_special_tokens=False)[0]
+wrong_id = tok.encode(wrong, add_special_tokens=False)[0]
+labels = [p.text for p in tok.token_pieces(clean[0].tolist())]
+print("tokens:", labels)
+
+with torch.no_grad():
+    clean_logits, corrupt_logits = model(clean), model(corrupt)
+for name, logits in (("clean", clean_logits), ("corrupted", corrupt_logits)):
+    top = logits[0, -1].float().softmax(-1).topk(5)
+    print(f"{name:>9}: " + ", ".join(f"{tok.decode([i])!r} {p:.2f}" for i, p in zip(top.indices.tolist(), top.values.tolist())))
+
+clean_diff = hooks.logit_diff(clean_logits, answer_id, wrong_id).item()
+corrupt_diff = hooks.logit_diff(corrupt_logits, answer_id, wrong_id).item()
+print(f"logit diff: clean {clean_diff:+.3f}, corrupted {corrupt_diff:+.3f}")
+
+
+def restored(logits):
+    return (hooks.logit_diff(logits, answer_id, wrong_id) - corrupt_diff) / (clean_diff - corrupt_diff)
+
+# %% [markdown]
+# ## Patching the residual stream: layer × position
+#
+# Cache the clean run — **only the hooks that will be patched** (caching `hook_pattern` or `hook_result` would
+# switch the attention path and make even a full patch differ from the clean run in the last bits) — then patch
+# `resid_pre` of one (layer, position) at a time. `patch_sweep` returns the metric of every run as a grid.
+#
+# How to read it: at layer 0 only the position that differs matters (the country token). As layers go up, the
+# information moves — here to the last position, where the answer is produced. A bright cell at
+# (layer ℓ, position p) means "the residual stream at p entering layer ℓ is enough to restore the answer".
+
+# %%
+names = lambda n: n.endswith(("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_mlp_out"))
+_, clean_cache = model.run_with_cache(clean, names_filter=names)
+
+resid_grid = hooks.patch_sweep(model, corrupt, clean_cache, restored, kind="resid_pre")   # [layer pos]
+heatmap(resid_grid, labels, [f"resid_pre {i}" for i in range(cfg.n_layers)],
+        "restored by patching resid_pre (layer × position)", zmid=0).show()
+
+# %% [markdown]
+# Patching *every* position of `resid_pre 0` restores the clean run exactly (the whole input is then clean):
+
+# %%
+with torch.no_grad():
+    full = model.run_with_hooks(corrupt, fwd_hooks=hooks.patch_resid(clean_cache, layer=0))
+print("full patch of resid_pre 0 reproduces the clean logits bit for bit:", torch.equal(full, clean_logits))
+assert torch.equal(full, clean_logits)
+
+# %% [markdown]
+# ## Which components write the answer: attention and MLP outputs, then heads
+#
+# Patching a block's `attn_out` or `mlp_out` (all positions at once) asks which layer's attention or MLP output
+# carries the difference. Patching one head's `hook_z` narrows attention down to individual heads.
+
+# %%
+attn_grid = hooks.patch_sweep(model, corrupt, clean_cache, restored, kind="attn_out", positions=None)   # [layer]
+mlp_grid = hooks.patch_sweep(model, corrupt, clean_cache, restored, kind="mlp_out", positions=None)     # [layer]
+fig = go.Figure([go.Bar(name="attn_out", x=[f"L{i}" for i in range(cfg.n_layers)], y=attn_grid.numpy()),
+                 go.Bar(name="mlp_out", x=[f"L{i}" for i in range(cfg.n_layers)], y=mlp_grid.numpy())])
+fig.update_layout(title="restored by patching one layer's attention / MLP output", barmode="group",
+                  height=300, width=600, margin=dict(t=40, b=30, l=40, r=20))
+fig.show()
+
+head_grid = hooks.patch_sweep(model, corrupt, clean_cache, restored, kind="z")            # [layer head]
+heatmap(head_grid, [f"H{h}" for h in range(cfg.n_heads)], [f"L{i}" for i in range(cfg.n_layers)],
+        "restored by patching one head's z (all positions)", zmid=0, height=280).show()
+best_layer, best_head = divmod(int(head_grid.argmax()), cfg.n_heads)
+print(f"most important head: L{best_layer}H{best_head} restores {head_grid.max():.2f}")
+
+# %% [markdown]
+# Where does that head read from? Patch it at one position at a time (`positions="all"` sweeps both axes,
+# giving `[layer pos head]`; here only its layer):
+
+# %%
+per_pos = hooks.patch_sweep(model, corrupt, clean_cache, restored, kind="z", layers=[best_layer],
+                            positions="all", heads=[best_head])[0, :, 0]                  # [pos]
+print("  ".join(f"{t}:{v:+.2f}" for t, v in zip(labels, per_pos.tolist())))
+
+# %% [markdown]
+# (On a 35B model each cell of a sweep is a full forward pass: restrict `layers=` and `positions=` to the
+# region the residual sweep points at before sweeping heads.)
+#
+# ## Ablations
+#
+# * **Zero ablation** sets a head's output to 0 — simple, but 0 may be far from anything the head ever outputs.
+# * **Mean ablation** replaces it by its average over reference prompts: "this head carries no
+#   prompt-specific information".
+# * **Attention knockout** stops chosen queries from attending to chosen keys (on `hook_attn_scores`, so the
+#   remaining attention renormalises): here, the last position may not look at the country token in any layer.
+#
+# The metric is the clean logit difference after ablating (1.0 = unchanged).
+
+# %%
+countries = ["France", "Germany", "Italy", "Spain", "Japan", "Egypt", "Canada", "Russia", "Greece", "Norway"]
+reference = [tok.encode(f"The capital of {c} is") for c in countries]
+reference = torch.tensor([r for r in reference if len(r) == clean.shape[1]], device=model.device)
+means = hooks.compute_means(model, reference, [f"blocks.{best_layer}.attn.hook_z"], over="batch")
+print(f"{len(reference)} reference prompts of the same length for the means")
+
+
+def kept(fwd_hooks):
+    with torch.no_grad():
+        logits = model.run_with_hooks(clean, fwd_hooks=fwd_hooks)
+    return hooks.logit_diff(logits, answer_id, wrong_id).item() / clean_diff
+
+
+country_pos = (clean[0] != corrupt[0]).nonzero()[0, 0].item()
+last = clean.shape[1] - 1
+experiments = {
+    f"zero L{best_layer}H{best_head}": hooks.ablate_heads([(best_layer, best_head)]),
+    f"mean L{best_layer}H{best_head}": hooks.ablate_heads([(best_layer, best_head)], how="mean", source=means),
+    f"zero all heads of L{best_layer}": hooks.ablate_heads({best_layer: list(range(cfg.n_heads))}),
+    "knockout last → country, all layers": hooks.knockout_hooks(range(cfg.n_layers), queries=[last], keys=[country_pos]),
+    "knockout last → BOS, all layers": hooks.knockout_hooks(range(cfg.n_layers), queries=[last], keys=[0]),
+}
+for label, fwd in experiments.items():
+    print(f"{label:<40} logit diff kept: {kept(fwd):+.2f}")
+
+# %% [markdown]
+# Reading the table: if knocking out the last position's attention to the country token destroys the answer,
+# the answer is fetched there by attention (rather than built earlier at the country position and carried in
+# some other way). Whether a single head or several share the work shows in the zero/mean rows; mean ablation
+# is usually the gentler and more faithful of the two.
