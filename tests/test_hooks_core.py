@@ -386,3 +386,21 @@ def test_cohere_config_ignores_sliding_keys_like_transformers():
         CommandRConfig.from_dict({**base, "model_type": "cohere2", "sliding_window_pattern": 0})
     with pytest.raises(ConfigError, match="logit_scale"):
         CommandRConfig.from_dict({**base, "logit_scale": "big"})
+
+
+def test_cached_head_results_equal_hooked_path(model):
+    ids = _ids()
+    _, lazy = model.run_with_cache(ids)
+    _, eager = model.run_with_cache(ids, fwd_hooks=[(lambda n: n.endswith("hook_result"), lambda x, h: None)])
+    # layer 0 sees the same z on both paths; later layers differ by the rounding of sum-over-heads
+    assert torch.equal(lazy["result", 0], eager["result", 0])
+    for i in range(3):
+        torch.testing.assert_close(lazy["result", i], eager["result", i], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lazy["result", i].sum(2), lazy["attn_out", i], atol=1e-6, rtol=1e-5)
+    assert list(lazy.keys()) == list(model.hook_dict)
+    _, stale = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_result"))
+    W = model.blocks[0].attn.o_proj.weight
+    with torch.no_grad():
+        W.mul_(1.0)  # an in-place edit after the forward
+    with pytest.raises(RuntimeError, match="o_proj.weight was modified"):
+        stale["result", 0]

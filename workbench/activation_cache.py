@@ -138,6 +138,35 @@ def slice_pos(t: torch.Tensor, pos_slice: PosSlice, axis: int = 1) -> torch.Tens
     return t.index_select(axis, idx % t.shape[axis])
 
 
+class Deferred:
+    """A cache entry computed on first access (e.g. per-head results from the cached z)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+
+class _CacheDict(dict):
+    """A dict whose ``Deferred`` values are computed (once) when read."""
+
+    def __getitem__(self, key):
+        value = dict.__getitem__(self, key)
+        if isinstance(value, Deferred):
+            value = value.fn()
+            dict.__setitem__(self, key, value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
 class ActivationCache:
     """A read-only mapping of hook name -> activation tensor from one forward.
 
@@ -146,7 +175,7 @@ class ActivationCache:
     """
 
     def __init__(self, cache: dict, model=None, metadata: Optional[dict] = None) -> None:
-        self.cache_dict = dict(cache)
+        self.cache_dict = _CacheDict(cache)
         self.model = model
         self.metadata = dict(metadata or {})
         cfg = getattr(model, "cfg", None)

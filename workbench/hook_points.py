@@ -145,6 +145,28 @@ def _grad_hook(entry: _Entry, hook: HookPoint):
     return fn
 
 
+def _deferred_result_saver(name: str, attn, store: dict, device):
+    """A hook on ``hook_z`` that stores ``name`` (an ``attn.hook_result``) as a deferred einsum."""
+    from .activation_cache import Deferred
+
+    def save(z: torch.Tensor, hook: HookPoint) -> None:
+        z = z.detach()
+        weight = attn.o_proj.weight
+        version = weight._version
+
+        def compute() -> torch.Tensor:
+            if weight._version != version:
+                raise RuntimeError(f"{name}: o_proj.weight was modified after the forward that filled this "
+                                   f"cache; re-run run_with_cache to get per-head results")
+            with torch.no_grad():
+                result = attn._per_head_result(z)         # [batch pos head d_model]
+            return result.to(device) if device is not None else result
+
+        store[name] = Deferred(compute)
+
+    return save
+
+
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -222,6 +244,21 @@ class HookedRootModule(nn.Module):
             except StopForward:
                 return None
 
+    def _defer_results(self, cache_hooks: list, user_hooks: list, device, store: dict) -> list:
+        """Replace cache-only listeners of ``attn.hook_result`` by a deferred einsum on ``hook_z``."""
+        def user_listens(name: str) -> bool:
+            return any((n(name) if callable(n) else n == name) for n, _ in user_hooks)
+
+        out = []
+        for name, fn in cache_hooks:
+            hp = self._hook_dict[name]
+            attn = self.get_submodule(name.rsplit(".", 1)[0]) if name.endswith("attn.hook_result") else None
+            if attn is None or hp.has_hooks or user_listens(name) or not attn.can_defer_result():
+                out.append((name, fn))
+                continue
+            out.append((name.replace("hook_result", "hook_z"), _deferred_result_saver(name, attn, store, device)))
+        return out
+
     def cache_hooks(self, names_filter=None, device=None, store: Optional[dict] = None):
         """(store, fwd_hooks) that copy every selected activation into ``store`` (detached)."""
         from .activation_cache import names_filter_fn
@@ -245,10 +282,16 @@ class HookedRootModule(nn.Module):
 
         ``names_filter``: None (all), a name, a list of names, or a predicate ``str -> bool``.
         ``device``: where the cached tensors are gathered (e.g. "cpu" under offload).
+
+        Per-head ``hook_result`` tensors that only the cache listens to are computed from the
+        cached ``z`` when first read (the same einsum the hooked path runs), so caching every hook
+        costs little more than a forward; a hook on ``hook_result`` gets the eager path.
         """
         from .activation_cache import ActivationCache
 
+        user_hooks = list(fwd_hooks or ())
         store, cache_hooks = self.cache_hooks(names_filter, device)
-        logits = self.run_with_hooks(input_ids, *args, fwd_hooks=list(fwd_hooks or ()) + cache_hooks, **kwargs)
+        cache_hooks = self._defer_results(cache_hooks, user_hooks, device, store)
+        logits = self.run_with_hooks(input_ids, *args, fwd_hooks=user_hooks + cache_hooks, **kwargs)
         tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None
         return logits, ActivationCache(store, self, metadata={"tokens": tokens})

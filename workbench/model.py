@@ -185,6 +185,10 @@ class Attention(nn.Module):
             return self.hook_result(self._per_head_result(z)).sum(dim=2)
         return self.o_proj(rearrange(z, "b s h d -> b s (h d)"))
 
+    def can_defer_result(self) -> bool:
+        """Per-head results can be recomputed after the forward (plain, on-device o_proj)."""
+        return type(self.o_proj) is nn.Linear and self.o_proj.weight.device.type != "meta"
+
     def _per_head_result(self, z: torch.Tensor) -> torch.Tensor:
         """[batch pos head d_model]: each head's z through its slice of o_proj."""
         if type(self.o_proj) is nn.Linear and self.o_proj.weight.device.type != "meta":
