@@ -1,6 +1,6 @@
 """Checkpoints shipped inside the package, resolvable by name.
 
-``command-r-tiny`` is a 3.3M-parameter Command-R-architecture model (QK-norm, GQA, logit_scale 1/16)
+``command-r-tiny`` is a 2.8M-parameter Command-R-architecture model (QK-norm, GQA, logit_scale 1/16)
 trained on the CPU by ``scripts/train_tiny.py`` on generated chat, fact and repeated-span data; it has
 a real induction head, a previous-token head and answers in the Command-R turn format. It sits in the
 real Hugging Face layout (config.json, generation_config.json, model.safetensors in float16,
