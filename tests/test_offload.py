@@ -215,3 +215,20 @@ def test_everything_on_disk_forward_and_generate(ckpt, plain):
                      "needs the model.py patch using workbench.offload.execution_device")
     assert torch.equal(model.generate(ids, max_new_tokens=3, eos_token_id=-1),
                        plain.generate(ids, max_new_tokens=3, eos_token_id=-1))
+
+
+def test_offload_files_are_64_byte_aligned(tmp_path):
+    """Misaligned memory-mapped weights make MKL round differently from the plain load."""
+    from safetensors import safe_open
+
+    from workbench.offload import save_aligned
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(37, 53).to(dtype)
+        file = str(tmp_path / f"w_{dtype}.safetensors")
+        save_aligned("blocks.0.attn.o_proj.weight", w, file)
+        with safe_open(file, framework="pt") as f:
+            t = f.get_tensor("blocks.0.attn.o_proj.weight")
+            assert f.metadata() == {"format": "pt"}
+        assert torch.equal(t, w) and t.dtype == dtype
+        assert (8 + int.from_bytes(open(file, "rb").read(8), "little")) % 64 == 0

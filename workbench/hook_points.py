@@ -151,15 +151,18 @@ def _deferred_result_saver(name: str, attn, store: dict, device):
 
     def save(z: torch.Tensor, hook: HookPoint) -> None:
         z = z.detach()
-        weight = attn.o_proj.weight
-        version = weight._version
+        # Taken inside the forward: under accelerate offload this is the weight loaded for the block
+        # (outside the forward the parameter is on the meta device).
+        weight = attn.o_proj.weight.detach()
+        version = attn.o_proj.weight._version
+        param = attn.o_proj.weight
 
         def compute() -> torch.Tensor:
-            if weight._version != version:
+            if param is attn.o_proj.weight and param._version != version:
                 raise RuntimeError(f"{name}: o_proj.weight was modified after the forward that filled this "
                                    f"cache; re-run run_with_cache to get per-head results")
             with torch.no_grad():
-                result = attn._per_head_result(z)         # [batch pos head d_model]
+                result = attn._per_head_result(z, weight)  # [batch pos head d_model]
             return result.to(device) if device is not None else result
 
         store[name] = Deferred(compute)

@@ -186,13 +186,16 @@ class Attention(nn.Module):
         return self.o_proj(rearrange(z, "b s h d -> b s (h d)"))
 
     def can_defer_result(self) -> bool:
-        """Per-head results can be recomputed after the forward (plain, on-device o_proj)."""
-        return type(self.o_proj) is nn.Linear and self.o_proj.weight.device.type != "meta"
+        """Per-head results can be recomputed after the forward from z and o_proj's weight."""
+        return type(self.o_proj) is nn.Linear
 
-    def _per_head_result(self, z: torch.Tensor) -> torch.Tensor:
-        """[batch pos head d_model]: each head's z through its slice of o_proj."""
-        if type(self.o_proj) is nn.Linear and self.o_proj.weight.device.type != "meta":
-            return torch.einsum("bshd,hdm->bshm", z, self.W_O)
+    def _per_head_result(self, z: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[batch pos head d_model]: each head's z through its slice of o_proj (``weight`` [d_model
+        (head d_head)] defaults to o_proj's; a cache passes the one it captured during the forward)."""
+        weight = self.o_proj.weight if weight is None else weight
+        if type(self.o_proj) is nn.Linear and weight.device.type != "meta":
+            W_O = rearrange(weight, "m (h d) -> h d m", h=self.n_heads)
+            return torch.einsum("bshd,hdm->bshm", z, W_O)
         # Quantized (bitsandbytes: packed weight) or offloaded (accelerate: weight only present
         # inside o_proj's own forward) o_proj: run the module itself on a block-diagonal input in
         # which row h holds only head h's z.

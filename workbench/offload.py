@@ -126,12 +126,10 @@ class Offloader:
             return
         key = (entry.file, entry.name)
         if key not in self._written:                  # a tied embedding is written once
-            from safetensors.torch import save_file
-
             from .loading import read_tensor
 
             file = os.path.join(os.path.abspath(self.folder), f"{name}.safetensors")
-            save_file({name: read_tensor(entry, self.dtype)}, file)
+            save_aligned(name, read_tensor(entry, self.dtype), file)
             self._written[key] = (file, name)
         file, weight_name = self._written[key]
         self.index[name] = {"safetensors_file": file, "weight_name": weight_name}
@@ -140,6 +138,27 @@ class Offloader:
         if self.folder is not None:
             with open(os.path.join(self.folder, "index.json"), "w", encoding="utf-8") as f:
                 json.dump(self.index, f, indent=2)
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_aligned(name: str, tensor: torch.Tensor, file: str, align: int = 64) -> None:
+    """Write one tensor as a safetensors file whose data starts ``align``-byte aligned.
+
+    accelerate memory-maps offloaded weights straight from these files; a weight that is not
+    64-byte aligned makes MKL take a different code path, and the offloaded model's matmuls then
+    differ from the plain load's in the last bit. Padding the (JSON) header fixes the offset."""
+    tensor = tensor.detach().contiguous().cpu()
+    entry = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+             "data_offsets": [0, tensor.numel() * tensor.element_size()]}
+    header = json.dumps({"__metadata__": {"format": "pt"}, name: entry}, separators=(",", ":")).encode()
+    header += b" " * ((-(8 + len(header))) % align)
+    with open(file, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def dispatch(model: nn.Module, device_map: dict, offloader: Optional[Offloader], offload_buffers: bool = False):
