@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from _checkpoint import build_from_args  # noqa: E402
 from _limits import (forward_flops, measure_limits, paired_ratio, print_limits,  # noqa: E402
                      print_table, square_matmul, timeit_interleaved)
 
@@ -78,24 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------ contenders
 def build_checkpoint(path: str, args) -> str:
-    """A random transformers ``CohereForCausalLM`` saved to ``path`` (transformers' own init)."""
-    import transformers
-
-    config = transformers.CohereConfig(
-        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_mlp,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        use_qk_norm=not args.no_qk_norm, logit_scale=0.0625, rope_theta=10000.0,
-        max_position_embeddings=max(512, args.pos), tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(config)
-    with torch.no_grad():                     # non-unit norm weights: no accidental shortcuts
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(path)
-    return path
+    return build_from_args(path, args)
 
 
 def load_ours(path: str):

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _checkpoint import build_from_args  # noqa: E402
 from _limits import Timing, measure_limits, print_limits, print_table, timeit, timeit_interleaved  # noqa: E402
 
 MID = dict(d_model=1024, layers=8, heads=16, kv_heads=4, d_mlp=2816, vocab=32000, prompt=32, new=64)
@@ -77,22 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_checkpoint(path: str, args) -> str:
-    """A random transformers ``CohereForCausalLM`` (non-unit norm weights) saved to ``path``."""
-    import transformers
-
-    config = transformers.CohereConfig(
-        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_mlp,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        use_qk_norm=not args.no_qk_norm, logit_scale=0.0625, rope_theta=10000.0,
-        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return path
+    return build_from_args(path, args)
 
 
 def bare_matvecs(model):

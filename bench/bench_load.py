@@ -39,21 +39,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 def build_checkpoint(path: str, tiny: bool) -> str:
-    import torch
-    import transformers
+    from _checkpoint import build_checkpoint as build
 
-    config = transformers.CohereConfig(**(TINY if tiny else MID), logit_scale=0.0625, rope_theta=10000.0,
-                                       max_position_embeddings=512, tie_word_embeddings=True,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(path)
-    return path
+    return build(path, **(TINY if tiny else MID))
 
 
 # ------------------------------------------------------------------------------------- worker side
