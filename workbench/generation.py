@@ -28,6 +28,8 @@ Example::
 
 from __future__ import annotations
 
+import numbers
+
 import inspect
 import threading
 from dataclasses import dataclass, field
@@ -194,7 +196,7 @@ _KEEPS_LOGITS: dict = {}
 
 
 # ---------------------------------------------------------------------- generate
-def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20,
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _UnsetInt(20),
              do_sample: bool = _DEFAULTS["do_sample"], temperature: float = _DEFAULTS["temperature"],
              top_k: Optional[int] = _DEFAULTS["top_k"], top_p: float = _DEFAULTS["top_p"],
              repetition_penalty: float = _DEFAULTS["repetition_penalty"], eos_token_id=None, pad_token_id=None,
@@ -225,6 +227,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20,
     s = _settings(model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     input_ids = _check_input_ids(model, input_ids)
+    max_new_tokens = _resolve_max_new(model, max_new_tokens, input_ids.shape[1])
+    if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool):
+        max_new_tokens = int(max_new_tokens)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if capture is not None and on_step is None:
@@ -333,8 +338,25 @@ def _settings(model, **given) -> dict:
     if pad is None and s["eos"]:
         pad = s["eos"][0]
     s["pad"] = None if pad is None else int(pad)
-    _check_settings(s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"])
+    if s["do_sample"]:
+        _check_settings(s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"])
+    else:  # sampling-only settings are unused when greedy (transformers ignores e.g. temperature=0 too)
+        _check_settings(1.0, None, None, s["repetition_penalty"])
     return s
+
+
+def _resolve_max_new(model, value, n_prompt: int):
+    """An explicit value wins; else generation_config's max_new_tokens, or max_length (prompt
+    included), as transformers; else 20."""
+    if not isinstance(value, _Unset):
+        return value
+    gc = getattr(model, "generation_config", None) or {}
+    get = gc.get if isinstance(gc, dict) else (lambda k, d=None: getattr(gc, k, d))
+    if get("max_new_tokens") is not None:
+        return int(get("max_new_tokens"))
+    if get("max_length") is not None:
+        return max(int(get("max_length")) - n_prompt, 0)
+    return 20
 
 
 def _check_input_ids(model, input_ids) -> torch.Tensor:
@@ -429,8 +451,8 @@ class TextStreamer:
         stable = text.rstrip("\ufffd")                     # a split multi-byte character is not final yet
         printable = stable[self.print_len:]
         self.print_len = max(self.print_len, len(stable))
-        if stable.endswith("\n"):                         # keep decoding cost bounded: restart after a line
-            self.token_cache, self.print_len = self.token_cache[-1:], len(self._decode(self.token_cache[-1:]))
+        if text.endswith("\n"):                           # a finished line: restart (byte-level decoding
+            self.token_cache, self.print_len = [], 0       # concatenates), keeping decoding cost bounded
         if printable:
             self.on_finalized_text(printable)
 

@@ -175,6 +175,9 @@ def _same_values(a: TensorEntry, b: TensorEntry, chunk_bytes: int = 1 << 26) -> 
 
 def find_weight_files(path: str) -> tuple[list[str], Optional[dict]]:
     """The shard files of a folder (and the index's weight_map, if sharded); refuses pickles."""
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):          # transformers prefers the single file when both are present
+        return [single], None
     index_file = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index_file):
         try:
@@ -275,15 +278,15 @@ def plan_sources(cfg: CommandRConfig, expected: dict[str, tuple], entries: dict[
 
 
 # ---------------------------------------------------------------------------------------- loading
-def resolve_dtype(cfg: CommandRConfig, torch_dtype=None, dtype=None) -> torch.dtype:
+def resolve_dtype(cfg: CommandRConfig, torch_dtype=None, dtype=None, checkpoint_dtype=None) -> torch.dtype:
     """None -> float32 (as the Command-R docs describe); "auto" -> config.json's dtype; explicit wins."""
     if torch_dtype is not None and dtype is not None and parse_dtype_or_auto(torch_dtype) != parse_dtype_or_auto(dtype):
         raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; pass one of them")
     want = torch_dtype if torch_dtype is not None else dtype
     if want is None:
         return torch.float32
-    if want == "auto":
-        return cfg.torch_dtype or torch.float32
+    if want == "auto":   # config's dtype, else the weights' own (as transformers), else float32
+        return cfg.torch_dtype or checkpoint_dtype or torch.float32
     return parse_dtype(want, "torch_dtype")
 
 
@@ -293,8 +296,11 @@ def parse_dtype_or_auto(value):
 
 def resolve_model_path(path) -> str:
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if os.path.isfile(os.path.expanduser(path)):
+        folder = os.path.dirname(os.path.expanduser(path)) or "."
+        raise FileNotFoundError(f"{path} is a file; pass the checkpoint folder {folder}")
     try:
         from .bundled import BUNDLED_MODELS, resolve_model_path as bundled
     except ImportError:
@@ -423,11 +429,12 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
 
     path = resolve_model_path(path)
     cfg = CommandRConfig.from_pretrained(path)
-    target = resolve_dtype(cfg, torch_dtype, dtype)
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
     generation_config = read_generation_config(path)
     entries = scan_checkpoint(path)
+    embed = entries.get("model.embed_tokens.weight")
+    target = resolve_dtype(cfg, torch_dtype, dtype, getattr(embed, "dtype", None))
     with torch.device("meta"), _skip_init():
         model = cls(cfg).to(target)      # placeholders in the target dtype (accelerate casts to them)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

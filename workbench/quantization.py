@@ -124,7 +124,7 @@ class QuantizationConfig:
         module, _, attr = param_name.rpartition(".")
         if attr != "weight" or not module.startswith("blocks.") or module.rsplit(".", 1)[-1] not in LINEAR_NAMES:
             return False
-        return not any(skip in module or module.endswith(skip) for skip in self.llm_int8_skip_modules or ())
+        return not any(_skip_matches(module, skip) for skip in self.llm_int8_skip_modules or ())
 
     def new_module(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
         bnb = require_bitsandbytes()
@@ -223,3 +223,15 @@ class QuantizedAttention(Attention):
         """[head d_head d_model] view of the dequantized o_proj, in the activations' dtype."""
         w = dense_weight(self.o_proj)
         return rearrange(w, "m (h d) -> h d m", h=self.n_heads)
+
+
+# transformers' module names -> ours, so BitsAndBytesConfig skip lists written for HF checkpoints work
+_HF_PARTS = (("model.layers.", "blocks."), ("self_attn", "attn"), ("model.embed_tokens", "embed"),
+             ("lm_head", "unembed"))
+
+
+def _skip_matches(module: str, skip: str) -> bool:
+    """Whole dotted components: "blocks.1" skips blocks.1.* but not blocks.10.*; "o_proj" every o_proj."""
+    for hf, ours in _HF_PARTS:
+        skip = skip.replace(hf, ours)
+    return f".{skip.strip('.')}." in f".{module}."
