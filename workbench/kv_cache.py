@@ -57,7 +57,6 @@ class KVCache:
         self._lo = [0] * n_layers            # kept positions are buffer[:, :, lo:hi]
         self._hi = [0] * n_layers
         self._pending: dict = {}             # layer -> (k, v, lo, hi) before this forward (rollback)
-        self._idx: tuple = (None, None)      # (key, tensor) memo of the last k_idx arange
 
     @classmethod
     def for_model(cls, model, chunk: int = 256) -> "KVCache":
@@ -69,8 +68,9 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append this forward's ``k, v`` [batch kv_head pos d_head] to ``layer``.
 
-        Returns ``(k_all, v_all, k_idx)``: the keys/values this forward's queries attend over
-        (kept past positions then the new ones) and their absolute cache indices ``[k_pos]``.
+        Returns ``(k_all, v_all)``: the keys/values this forward's queries attend over (kept past
+        positions then the new ones) — always the last ``k_all.shape[2]`` cache indices, which is
+        how the model builds its masks.
         """
         if k.dim() != 4 or k.shape != v.shape:
             raise KVCacheError(f"KVCache.update(layer {layer}): expected k and v of the same shape "
@@ -107,14 +107,14 @@ class KVCache:
                 buf_v[:, :, :keep] = v_all[:, :, total - keep:]
             self._k[layer], self._v[layer] = buf_k, buf_v
             self._lo[layer], self._hi[layer] = 0, keep
-            return k_all, v_all, self._indices(total, n, k.device)
+            return k_all, v_all
         buf_k[:, :, hi:hi + n] = k
         buf_v[:, :, hi:hi + n] = v
         k_all, v_all = buf_k[:, :, lo:hi + n], buf_v[:, :, lo:hi + n]
         self._hi[layer] = hi + n
         if window is not None:
             self._lo[layer] = max(lo, hi + n - (window - 1))
-        return k_all, v_all, self._indices(hi + n - lo, n, k.device)
+        return k_all, v_all
 
     def advance(self, n: int) -> None:
         """The forward that just ran processed ``n`` new positions."""
@@ -174,13 +174,6 @@ class KVCache:
         if window is None:
             return keep + max(self.chunk, keep // 2)            # amortised O(1) per appended position
         return (window - 1) + max(1, min(self.chunk, window - 1))
-
-    def _indices(self, n_keys: int, n_new: int, device) -> torch.Tensor:
-        end = self.seen + n_new                                  # this forward's keys come last
-        key = (end - n_keys, end, device)
-        if self._idx[0] != key:
-            self._idx = (key, torch.arange(end - n_keys, end, device=device))
-        return self._idx[1]
 
     def _check_compatible(self, layer: int, buf: torch.Tensor, k: torch.Tensor) -> None:
         if buf.shape[:2] != k.shape[:2] or buf.shape[3] != k.shape[3]:

@@ -174,7 +174,7 @@ class Attention(nn.Module):
         k = rearrange(k, "b s h d -> b h s d")
         v = rearrange(v, "b s h d -> b h s d")
         if kv_cache is not None:
-            k, v, _ = kv_cache.update(layer, k, v)       # [batch kv_head k_pos d_head]
+            k, v = kv_cache.update(layer, k, v)          # [batch kv_head k_pos d_head]
         mask, is_causal = masks.get(self.window, k.shape[-2], q.device)
         if explicit or self.needs_explicit():
             z = self._explicit(q, k, v, mask, masks)
