@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .attention_ops import mask_rows, notify_attention, pattern_rows
 from .config import CommandRConfig
 from .hook_points import HookedRootModule, HookPoint
 
@@ -175,6 +176,7 @@ class Attention(nn.Module):
         v = rearrange(v, "b s h d -> b h s d")
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)          # [batch kv_head k_pos d_head]
+        notify_attention(self, layer, q, k, masks)       # no-op unless attention_ops.observe_attention is active
         mask, is_causal = masks.get(self.window, k.shape[-2], q.device)
         if explicit or self.needs_explicit():
             z = self._explicit(q, k, v, mask, masks)
@@ -206,11 +208,16 @@ class Attention(nn.Module):
     def _explicit(self, q, k, v, mask, masks):
         k = repeat_kv(k, self.group)                  # [batch head k_pos d_head]
         v = repeat_kv(v, self.group)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
-        if mask is None:
-            mask = masks.dense(self.window, k.shape[-2], q.device)
-        scores = self.hook_attn_scores(scores + mask)
-        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.hook_attn_scores.has_hooks:           # full scores only when something reads them
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+            if mask is None:
+                mask = masks.dense(self.window, k.shape[-2], q.device)
+            scores = self.hook_attn_scores(scores + mask)
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:                                         # same ops in query blocks: ~1x the pattern's bytes
+            rows = (lambda r0, r1: mask[:, :, r0:r1]) if mask is not None else (
+                lambda r0, r1: masks.rows(self.window, k.shape[-2], torch.arange(r0, r1), q.device))
+            pattern = pattern_rows(q, k, self.scale, rows)
         pattern = self.hook_pattern(pattern)
         return torch.matmul(pattern, v)               # [batch head q_pos d_head]
 
@@ -304,18 +311,13 @@ class Masks:
         device = torch.device(device if device is not None else self.device)
         key = (window, n_keys, device)
         if key not in self._cache:
-            q_idx = torch.arange(self.past_len, self.past_len + self.n_new, device=device)
-            start = self.past_len + self.n_new - n_keys
-            k_idx = torch.arange(start, start + n_keys, device=device)
-            allowed = k_idx[None, :] <= q_idx[:, None]
-            if window is not None:
-                allowed &= k_idx[None, :] > q_idx[:, None] - window
-            allowed = allowed[None, None]
-            if self.pad is not None:
-                allowed = allowed & self.pad.to(device)[:, None, None, start:start + n_keys]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-            self._cache[key] = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+            self._cache[key] = self.rows(window, n_keys, None, device)
         return self._cache[key]
+
+    def rows(self, window, n_keys, rows: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+        """The rows ``rows`` (indices into this forward's positions; None = all) of ``dense``, [batch|1 1 n k_pos]."""
+        device = torch.device(device if device is not None else self.device)
+        return mask_rows(self.past_len, self.n_new, self.pad, self.dtype, device, window, n_keys, rows)
 
 
 class HookedCommandR(HookedRootModule):
