@@ -6,18 +6,21 @@ Example::
     lens = logit_lens(model, ids, top_k=5)
     dla = direct_logit_attribution(model, ids, answer=42)
     induction_scores(model)                              # [n_layers n_heads]
+    rows = attention_rows(model, ids, queries=[-1])      # {layer: [batch head 1 k_pos]}, long prompts
 
 Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``stack_head_results``,
 ``apply_ln_to_stack``, ``logit_attrs``, ``save``/``load``) are methods of ``ActivationCache``.
 """
 
+from .attention_rows import AttentionRecorder, attention_rows, attention_to_spans
 from .attribution import LogitAttribution, direct_logit_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
 from .logit_lens import LogitLens, lens_logits, logit_lens
+from .spans import Span, spans_from_chat
 
 __all__ = [
-    "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
-    "repeated_random_tokens",
+    "AttentionRecorder", "LogitAttribution", "LogitLens", "Span", "attention_rows", "attention_to_spans",
+    "direct_logit_attribution", "duplicate_token_scores", "induction_scores", "lens_logits", "logit_lens",
+    "pattern_scores", "previous_occurrence", "previous_token_scores", "repeated_random_tokens", "spans_from_chat",
 ]
