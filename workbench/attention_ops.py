@@ -13,8 +13,9 @@ Bit-exactness of the blocks (measured on an AMD EPYC host, torch 2.13 CPU with M
 ``[batch head q k]`` matmul computed in query blocks of >= 4 rows gives the same bits as the
 unblocked one (fp32, bf16, fp16); fp32 blocks of 1-3 rows take another BLAS kernel (ulp
 differences). So blocks here are never smaller than ``MIN_BLOCK`` rows, patterns up to
-``SINGLE_BLOCK_BYTES`` are computed in one block (exactly today's op sequence), and row selections
-of fewer than ``MIN_BLOCK`` queries are padded to ``MIN_BLOCK`` rows by repeating the last one.
+``SINGLE_BLOCK_BYTES`` are computed in one block (exactly today's op sequence), and a row selection
+of fewer queries is padded (repeating its last row) to ``min(MIN_BLOCK, rows of the forward)`` rows,
+the row count the full pattern's matmul had (a decode step's single row stays a single row).
 
 Axis legend as in ``workbench.model``: batch, head, kv_head, q_pos, k_pos, d_head.
 """

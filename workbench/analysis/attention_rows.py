@@ -141,7 +141,8 @@ def selected_rows(attn, q: torch.Tensor, k: torch.Tensor, masks, heads: Sequence
     for r0 in range(0, len(queries), block):
         idx = list(queries[r0:r0 + block])
         n = len(idx)
-        idx += idx[-1:] * max(0, MIN_BLOCK - n)                 # >= MIN_BLOCK rows: the full matmul's kernel
+        idx += idx[-1:] * max(0, min(MIN_BLOCK, masks.n_new) - n)   # as many rows as the full matmul's
+        # blocks (>= MIN_BLOCK, or all n_new): BLAS picks its kernel by row count (fp32: another below 4)
         idx_t = torch.tensor(idx, device=q.device)
         rows = pattern_rows(q[:, :, idx_t], keys, attn.scale,
                             lambda a, b: masks.rows(attn.window, n_keys, idx_t[a:b], q.device), block=len(idx))
