@@ -118,7 +118,7 @@ def observe_attention(fn: Callable):
     calls ``fn(attn, layer, q, k, masks)`` before attending: ``q`` [batch head pos d_head] and ``k``
     [batch kv_head k_pos d_head] exactly as the attention matmuls receive them (after QK-norm,
     rotary, hooks and the KV cache), ``masks`` the forward's ``Masks`` (``past_len``, ``n_new``,
-    ``rows(window, n_keys, rows)``). The observer must not modify them. Observers do not nest: an
+    ``pad``, ``dtype``: the arguments of ``mask_rows``). The observer must not modify them. Observers do not nest: an
     inner block replaces the outer one until it exits.
 
     Example::

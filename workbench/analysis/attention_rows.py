@@ -29,9 +29,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..attention_ops import MIN_BLOCK, block_size, observe_attention, pattern_rows
+from ..attention_ops import MIN_BLOCK, block_size, mask_rows, observe_attention, pattern_rows
 from ..hook_points import StopForward
-from ..model import repeat_kv
+from ..model import standard_strides
 
 
 def _index_list(value, size: int, what: str) -> Optional[list]:
@@ -134,18 +134,23 @@ def selected_rows(attn, q: torch.Tensor, k: torch.Tensor, masks, heads: Sequence
 
     ``q`` [batch head pos d_head] and ``k`` [batch kv_head k_pos d_head] as an attention observer gets them."""
     n_keys = k.shape[-2]
-    keys = repeat_kv(k, attn.group)                             # [batch head k_pos d_head], as explicit
-    if list(heads) != list(range(attn.n_heads)):
-        keys, q = keys[:, heads], q[:, heads]
-    block = block or block_size(len(queries), n_keys, q.shape[0] * q.shape[1], q.dtype)
+    # [batch head_sel k_pos d_head]: repeat_kv(k)[:, heads] (contiguous, as explicit) without the other heads
+    keys = standard_strides(k)[:, torch.tensor([h // attn.group for h in heads], device=k.device)]
+    all_heads = list(heads) == list(range(attn.n_heads))
+    block = block or block_size(len(queries), n_keys, q.shape[0] * len(heads), q.dtype)
     for r0 in range(0, len(queries), block):
         idx = list(queries[r0:r0 + block])
         n = len(idx)
         idx += idx[-1:] * max(0, min(MIN_BLOCK, masks.n_new) - n)   # as many rows as the full matmul's
         # blocks (>= MIN_BLOCK, or all n_new): BLAS picks its kernel by row count (fp32: another below 4)
         idx_t = torch.tensor(idx, device=q.device)
-        rows = pattern_rows(q[:, :, idx_t], keys, attn.scale,
-                            lambda a, b: masks.rows(attn.window, n_keys, idx_t[a:b], q.device), block=len(idx))
+        rows_q = q.transpose(1, 2)[:, idx_t]                    # [batch n head d_head]: the explicit
+        rows_q = (rows_q if all_heads else rows_q[:, :, heads]).transpose(1, 2)  # path's storage order
+        if len(idx) == 1 and attn.use_rope:
+            rows_q = standard_strides(rows_q)                   # as Attention._explicit
+        rows = pattern_rows(rows_q, keys, attn.scale,
+                            lambda a, b: mask_rows(masks.past_len, masks.n_new, masks.pad, masks.dtype, q.device,
+                                                   attn.window, n_keys, idx_t[a:b]), block=len(idx))
         yield r0, r0 + n, rows[:, :, :n]
 
 
