@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 MIN_BLOCK = 8                       # rows per block, at least (fp32 BLAS kernels change below 4)
 SINGLE_BLOCK_BYTES = 8 * 2**20      # fp32 scores up to this size: one block, as the unblocked path
-BLOCK_FRACTION = 16                 # otherwise the per-block temporaries stay under ~1/16 of the pattern
+BLOCK_FRACTION = 8                  # otherwise the per-block temporaries stay under ~1/8 of the pattern
 MAX_BLOCK_BYTES = 256 * 2**20       # ... and under this many bytes of fp32 scores
 
 _OBSERVER: contextvars.ContextVar = contextvars.ContextVar("workbench_attention_observer", default=None)
@@ -62,8 +62,8 @@ def mask_rows(past_len: int, n_new: int, pad: Optional[torch.Tensor], dtype: tor
     allowed = allowed[None, None]                                   # [1 1 q_pos k_pos]
     if pad is not None:
         allowed = allowed & pad.to(device)[:, None, None, start:start + n_keys]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    visible, hidden = torch.zeros((), dtype=dtype, device=device), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, visible, hidden.to(device))
 
 
 def block_size(n_rows: int, n_keys: int, n_mats: int, dtype: torch.dtype) -> int:
@@ -72,7 +72,8 @@ def block_size(n_rows: int, n_keys: int, n_mats: int, dtype: torch.dtype) -> int
     pattern_bytes = n_rows * n_keys * n_mats * torch.empty((), dtype=dtype).element_size()
     if n_rows * fp32_row <= SINGLE_BLOCK_BYTES:
         return max(n_rows, 1)
-    # temporaries per block: scores (model dtype) + fp32 softmax input/output ~ 2-3 fp32 rows
+    # temporaries per block: scores (model dtype) + fp32 softmax input/output + mask ~ 2-3 fp32 rows;
+    # few large blocks: each op is a parallel region, and on a busy machine every one waits for threads
     rows = min(pattern_bytes // (BLOCK_FRACTION * 3 * fp32_row), MAX_BLOCK_BYTES // fp32_row)
     return int(min(max(rows, MIN_BLOCK), n_rows))
 
