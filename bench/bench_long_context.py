@@ -45,8 +45,9 @@ def child(mode: str, n: int, ckpt: str) -> dict:
         warm = lambda: model(ids[:, :64])                                                # noqa: E731
     else:
         from workbench import HookedCommandR
-        from workbench.analysis import attention_rows, attention_to_spans
 
+        if mode in ("ours_rows16", "ours_spans_all"):
+            from workbench.analysis import attention_rows, attention_to_spans
         model = HookedCommandR.from_pretrained(ckpt)
         warm = lambda: model(ids[:, :64])                                                # noqa: E731
         if mode == "ours_fused":

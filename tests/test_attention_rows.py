@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO, SHARED
+from conftest import REPO
 from workbench import HookedCommandR
 from workbench.attention_ops import mask_rows, pattern_rows
 from workbench.analysis import AttentionRecorder, attention_rows, attention_to_spans, spans_from_chat

@@ -176,7 +176,7 @@ class Attention(nn.Module):
         v = rearrange(v, "b s h d -> b h s d")
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)          # [batch kv_head k_pos d_head]
-        notify_attention(self, layer, q, k, masks)       # no-op unless attention_ops.observe_attention is active
+        notify_attention(self, layer, q, k, masks)       # no-op unless observe_attention() is active
         mask, is_causal = masks.get(self.window, k.shape[-2], q.device)
         if explicit or self.needs_explicit():
             z = self._explicit(q, k, v, mask, masks)
@@ -234,8 +234,10 @@ def eager_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, val
 
     query [batch head q_pos d_head], key/value [batch kv_head k_pos d_head], mask additive
     [batch|1 1 q_pos k_pos] or a function (r0, r1) -> its rows r0..r1-1 -> z [batch head q_pos d_head].
-    ``attn`` supplies the group size, the scale and the ``hook_attn_scores``/``hook_pattern`` points. Callers pass the operands in the
-    reference's layouts (tests/test_layout.py compares shapes and strides with the reference)."""
+    ``attn`` supplies the group size, the scale and the ``hook_attn_scores``/``hook_pattern`` points.
+    Callers pass the operands in the reference's layouts (tests/test_layout.py compares shapes and
+    strides with the reference). Unless the scores are hooked, the pattern is computed in query
+    blocks into one buffer (``attention_ops.pattern_rows``: the same ops and bits, ~1x its bytes)."""
     key = repeat_kv(key, attn.group)                  # [batch head k_pos d_head]
     value = repeat_kv(value, attn.group)
     if attn.hook_attn_scores.has_hooks:               # the full scores only when something reads them
