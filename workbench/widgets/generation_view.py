@@ -3,8 +3,9 @@
 ``run()`` calls ``model.generate(..., capture=..., on_step=...)`` in the cell. Every step is stored in Python
 (cheap); the browser gets at most one **frame** every ``frame_interval`` seconds (0.1 s) with only what changed:
 the new tokens (the token strip is appended to, never re-sent), the attention window and the lens columns on
-screen. Frames in between are merged, so the page stays within a frame or two of the kernel however fast the
-model generates.
+screen. The page acknowledges each frame once it has drawn it, and the next frame waits for that (up to
+``max_frame_wait`` seconds): steps in between are merged into it, never queued, so the page stays within about
+one frame of the kernel however fast the model generates and however slow the browser is.
 
 **Stop during run().** A busy kernel runs widget callbacks only after the cell ends, so a normal button cannot
 reach a running loop. The Stop button's messages are also inspected on the kernel's shell-channel thread
@@ -55,7 +56,7 @@ class GenerationView(W.VBox):
     def __init__(self, model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int = 32,
                  attention_layers: Optional[Sequence[int]] = None, top_k: int = 5, target: Any = None,
                  window: int = 32, lens_window: int = 12, frame_interval: float = 0.1,
-                 **generate_kwargs: Any) -> None:
+                 max_frame_wait: float = 1.0, **generate_kwargs: Any) -> None:
         for bad in ("on_step", "capture", "stop", "streamer"):
             if bad in generate_kwargs:
                 raise ValueError(f"{bad}= is set by GenerationView itself; remove it from the arguments")
@@ -67,7 +68,7 @@ class GenerationView(W.VBox):
             raise ValueError(f"frame_interval must be >= 0 seconds, got {frame_interval}")
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, int(max_new_tokens)
         self.generate_kwargs = generate_kwargs
-        self.frame_interval = float(frame_interval)
+        self.frame_interval, self.max_frame_wait = float(frame_interval), float(max_frame_wait)
         self.prompt_ids = self._prompt_ids(tokenizer, prompt)
         self.attention_layers = layers
         self.stop_event = threading.Event()
@@ -97,6 +98,7 @@ class GenerationView(W.VBox):
         self._reset()
         self.attention.select(layer=layers[-1])
         self._live_stop = self._route_stop_clicks()
+        self._acks = self._watch_frame_acks()
         super().__init__([W.HBox([self.status, self.stop_button, self.stop_note]), self.tokens, self.attention,
                           self.lens])
 
@@ -130,6 +132,26 @@ class GenerationView(W.VBox):
         comm._reply_subshell_for = route_and_watch
         return True
 
+    def _watch_frame_acks(self) -> bool:
+        """Read the page's frame acknowledgements (custom message ``{"rendered": n}`` from the token strip) on
+        the shell-channel thread, as they arrive, while the main thread generates. False where the kernel has no such thread (then frames go
+        out every ``frame_interval``)."""
+        comm = getattr(self.tokens, "comm", None)
+        kernel = getattr(comm, "kernel", None)
+        route: Optional[Callable] = getattr(comm, "_reply_subshell_for", None)
+        if route is None or not getattr(kernel, "_supports_kernel_subshells", False) \
+                or getattr(kernel, "shell_channel_thread", None) is None:
+            return False
+
+        def route_and_watch(data: Any, default: Any) -> Any:
+            content = data.get("content") if isinstance(data, dict) else None
+            if isinstance(content, dict) and isinstance(content.get("rendered"), int):
+                self._acked = content["rendered"]
+            return route(data, default)
+
+        comm._reply_subshell_for = route_and_watch
+        return True
+
     def _reset(self) -> None:
         """Empty views for a new generation (``run()`` may be called again)."""
         self._records = RecordCache(self.tokenizer)
@@ -138,6 +160,8 @@ class GenerationView(W.VBox):
         self.tokens.set_ids(self.prompt_ids)
         self._last_frame = 0.0
         self._pending: Optional[tuple] = None
+        self._sent = self._acked = 0
+        self._last_status = 0.0
 
     # ------------------------------------------------------------------------------------------- running
     def run(self) -> torch.Tensor:
@@ -249,7 +273,9 @@ class GenerationView(W.VBox):
         self.lens.add_step(acts, ids)
         self._pending = (ids, info.step)
         self.timeline.append((time.time(), len(ids)))
-        if time.perf_counter() - self._last_frame >= self.frame_interval:
+        since = time.perf_counter() - self._last_frame
+        drawn = not self._acks or self._acked >= self._sent      # the page has drawn the last frame
+        if since >= self.frame_interval and (drawn or since >= self.max_frame_wait):
             self.flush()
         self.step_times.append(time.perf_counter() - start)
 
@@ -262,12 +288,17 @@ class GenerationView(W.VBox):
         self._pending = None
         records = self._records.update(ids)
         changed = self._records.changed_from             # records before it are on the page already
-        self.tokens.show_records(records, self._records.text, ids, changed)
+        self._sent += 1
+        with self.tokens.hold_sync():
+            self.tokens.show_records(records, self._records.text, ids, changed)
+            self.tokens.frame = self._sent
+            self.tokens.frame_time = time.time()
         self.attention.set_tokens(records, changed, scores=not self._running)
         self.lens.set_tokens(records)
-        if self._running:
+        if self._running and (self._last_frame == 0.0 or start - self._last_status >= 0.5 or self.stop_event.is_set()):
             what = "stopping…" if self.stop_event.is_set() else "generating…"
             self._set_status(f"{what} step {step}: {len(ids) - len(self.prompt_ids)} new tokens")
+            self._last_status = start
         self._last_frame = time.perf_counter()
         self.frame_times.append(self._last_frame - start)
 

@@ -36,7 +36,10 @@ class TokenView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
     tokens_json = traitlets.Unicode("[]").tag(sync=True)      # committed records (see _base.token_records), JSON
     tail_json = traitlets.Unicode("[]").tag(sync=True)        # records from n_committed on (streaming), JSON
     n_committed = traitlets.Int(0).tag(sync=True)
-    text = traitlets.Unicode("").tag(sync=True)                # decoded text the spans index into
+    text = traitlets.Unicode("")                               # decoded text the spans index into (kernel only)
+    frame = traitlets.Int(0).tag(sync=True)                    # streaming: number of the frame sent (the page
+                                                               # answers {"rendered": n} once it has drawn it)
+    frame_time = traitlets.Float(0.0).tag(sync=True)           # time.time() when that frame was sent
     title = traitlets.Unicode("").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)                # token index clicked in the browser (-1: none)
 

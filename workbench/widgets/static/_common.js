@@ -76,6 +76,8 @@ function luminance(rgb) {
   return 0.2126 * f(rgb[0]) + 0.7152 * f(rgb[1]) + 0.0722 * f(rgb[2]);
 }
 
+// Reading computed styles forces the browser to recompute the page's styles, so views call this once when they
+// are drawn first and again only when JupyterLab's theme changes (watchTheme), never per frame.
 function themeOf(el) {
   const bg = backgroundOf(el);
   const dark = luminance(bg) < 0.2;
@@ -84,6 +86,25 @@ function themeOf(el) {
 
 function mix(a, b, t) {
   return [0, 1, 2].map((i) => Math.round(a[i] + (b[i] - a[i]) * t));
+}
+
+// Call fn whenever JupyterLab switches theme; returns a function that stops watching.
+function watchTheme(fn) {
+  const obs = new MutationObserver(fn);
+  obs.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
+  return () => obs.disconnect();
+}
+
+// The element's width, kept up to date by a ResizeObserver (reading clientWidth while drawing forces a layout of
+// the whole notebook). Returns {get(), stop()}.
+function widthOf(el, onChange) {
+  let w = 0;
+  const ro = new ResizeObserver((entries) => {
+    const nw = Math.round(entries[0].contentRect.width);
+    if (nw !== w) { w = nw; if (onChange) onChange(); }
+  });
+  ro.observe(el);
+  return { get: () => w, stop: () => ro.disconnect() };
 }
 
 // value in [0, 1] (or [-1, 1] when signed) -> [r, g, b]
@@ -374,12 +395,22 @@ function setTrait(model, name, value) {
   model.save_changes();
 }
 
-// Coalesce the several trait changes of one update into one redraw per animation frame.
+// Coalesce the several trait changes of one update into one redraw per animation frame. Redraw time is added up
+// in window.wbRenderStats ({count, ms, max}) so a test or a curious user can see what the views cost the page.
 function scheduler(fn) {
   let pending = false;
   return () => {
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => { pending = false; fn(); });
+    requestAnimationFrame(() => {
+      pending = false;
+      const t0 = performance.now();
+      fn();
+      const dt = performance.now() - t0;
+      const stats = (window.wbRenderStats = window.wbRenderStats || { count: 0, ms: 0, max: 0 });
+      stats.count += 1;
+      stats.ms += dt;
+      stats.max = Math.max(stats.max, dt);
+    });
   };
 }

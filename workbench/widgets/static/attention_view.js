@@ -51,7 +51,8 @@ function render({ model, el }) {
   const st = { els: [], recs: [] };
   let values = new Float32Array(0);
   let cell = 12;
-  let theme = themeOf(root);
+  let theme = null;
+  const rootWidth = widthOf(root, () => { dirty.add("mini"); schedule(); });
 
   layerSel.addEventListener("change", () => setTrait(model, "layer", parseInt(layerSel.value, 10)));
   headSel.addEventListener("change", () => setTrait(model, "head", parseInt(headSel.value, 10)));
@@ -194,7 +195,7 @@ function render({ model, el }) {
     const scale = model.get("scale"), signed = model.get("signed");
     values = f16(model.get("pattern"));
     const out = f16(model.get("outside"));
-    cell = Math.max(10, Math.min(20, Math.floor(440 / Math.max(nq, nk, 1))));
+    cell = Math.max(10, Math.min(18, Math.floor(400 / Math.max(nq, nk, 1))));
     canvas.width = nk * cell;
     canvas.height = nq * cell;
     canvas.style.width = `${nk * cell}px`;
@@ -287,12 +288,13 @@ function render({ model, el }) {
     const T = model.get("n_tokens");
     const prof = f16(model.get("minimap"));
     const spans = JSON.parse(model.get("spans_json") || "[]");
-    const width = Math.max(200, Math.min(800, (root.clientWidth || 800) - 10));
+    const width = Math.max(200, Math.min(800, (rootWidth.get() || 800) - 10));
     mini.width = width;
     mini.height = 34;
     mini.style.width = `${width}px`;
     mini.dataset.n = String(T);
-    miniBox.style.display = T > 0 ? "" : "none";
+    // the minimap is for sequences longer than the window (or with spans to show)
+    miniBox.style.display = T > model.get("window") || spans.length ? "" : "none";
     const ctx = mini.getContext("2d");
     ctx.fillStyle = css(theme.bg);
     ctx.fillRect(0, 0, width, 34);
@@ -407,7 +409,7 @@ function render({ model, el }) {
 
   const dirty = new Set(["all"]);
   function drawAll() {
-    theme = themeOf(root);
+    if (!theme || dirty.has("theme")) theme = themeOf(root);
     const all = dirty.has("all") || dirty.has("theme");
     drawHeader();
     if (all || dirty.has("overview")) drawOverview();
@@ -417,8 +419,8 @@ function render({ model, el }) {
     dirty.clear();
     root.dataset.theme = theme.dark ? "dark" : "light";
   }
-  drawAll();
   const schedule = scheduler(drawAll);
+  drawAll();
   const groups = {
     overview: ["thumbs", "thumb_size", "overview_layers", "overview_start", "overview_rows", "head_scores_json",
                "score_by", "layer", "head", "n_heads", "layers"],
@@ -435,9 +437,8 @@ function render({ model, el }) {
     }
   }
   // follow JupyterLab's theme switches (light <-> dark): redraw the canvases with the new background
-  const obs = new MutationObserver(() => { dirty.add("theme"); schedule(); });
-  obs.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
-  return () => { obs.disconnect(); for (const [e, h] of handlers) model.off(`change:${e}`, h); };
+  const unwatch = watchTheme(() => { dirty.add("theme"); schedule(); });
+  return () => { unwatch(); rootWidth.stop(); for (const [e, h] of handlers) model.off(`change:${e}`, h); };
 }
 
 export default { render };

@@ -31,8 +31,9 @@ function render({ model, el }) {
   root.append(head, legendBox, scroll);
   el.appendChild(root);
   const tip = makeTip(root);
-  let theme = themeOf(root);
+  let theme = null;
   let grid = null;
+  let themeDirty = true;
 
   trackBtn.addEventListener("click", () => setTrait(model, "target_text", targetBox.value));
   targetBox.addEventListener("keydown", (ev) => { if (ev.key === "Enter") trackBtn.click(); });
@@ -45,7 +46,7 @@ function render({ model, el }) {
   pan.addEventListener("change", () => setTrait(model, "pos_start", parseInt(pan.value, 10)));
 
   function draw() {
-    theme = themeOf(root);
+    if (themeDirty || !theme) { theme = themeOf(root); themeDirty = false; }
     const labels = model.get("row_labels") || [];
     const tokens = tokensOf(model); // the shown window only: tokens[p - pos_start]
     const p0 = model.get("pos_start");
@@ -80,7 +81,7 @@ function render({ model, el }) {
     grid = null;
     if (ids.length < rows * cols * k) return;
     // fit the notebook: cells shrink (down to 34 px) before the table scrolls
-    const avail = Math.max(300, (el.clientWidth || root.clientWidth || 900) - 100);
+    const avail = Math.max(300, (width.get() || 900) - 100);
     const cw = Math.max(34, Math.min(58, Math.floor(avail / Math.max(cols, 1))));
     table.style.width = `${cw * cols + 96}px`;
     const hr = node("tr");
@@ -147,15 +148,15 @@ function render({ model, el }) {
              note: `positions ${model.get("pos_start")}– of ${model.get("n_positions")}` };
   }
 
-  draw();
   const schedule = scheduler(draw);
+  const width = widthOf(root, schedule);
+  draw();
   const events = ["row_labels", "tokens_json", "n_positions", "positions", "top_ids", "top_probs", "target_probs",
                   "target_ranks", "id_text", "target", "target_alt_json", "error", "pos_start", "window", "scale",
                   "selected"];
   for (const e of events) model.on(`change:${e}`, schedule);
-  const obs = new MutationObserver(schedule);
-  obs.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
-  return () => { obs.disconnect(); for (const e of events) model.off(`change:${e}`, schedule); };
+  const unwatch = watchTheme(() => { themeDirty = true; schedule(); });
+  return () => { unwatch(); width.stop(); for (const e of events) model.off(`change:${e}`, schedule); };
 }
 
 export default { render };

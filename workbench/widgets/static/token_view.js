@@ -14,6 +14,11 @@ function render({ model, el }) {
   const tip = makeTip(root);
   const st = { els: [], recs: [] };
   let shownSel = -1;
+  let acked = 0;
+  let atBottom = true;
+  chips.addEventListener("scroll", () => {
+    atBottom = chips.scrollHeight - chips.scrollTop - chips.clientHeight < 8;
+  }, { passive: true });
 
   chips.addEventListener("mousemove", (ev) => {
     const c = ev.target.closest(".wb-tok");
@@ -33,7 +38,7 @@ function render({ model, el }) {
     const tokens = tokensOf(model);
     title.textContent = model.get("title") || "";
     count.textContent = `${tokens.length} tokens`;
-    const follow = chips.scrollHeight - chips.scrollTop - chips.clientHeight < 8;
+    const follow = atBottom;
     syncStrip(chips, tokens, st, chip);
     const selected = model.get("selected");
     if (shownSel >= 0 && st.els[shownSel]) st.els[shownSel][0].classList.remove("wb-query");
@@ -43,13 +48,26 @@ function render({ model, el }) {
       shownSel = selected;
       scrollInto(chips, st.els[selected][0]);
     } else if (follow) {
-      chips.scrollTop = chips.scrollHeight;  // streaming: stay at the newest token
+      chips.scrollTop = 1e9;  // streaming: stay at the newest token (a write, no layout read)
+    }
+    // Acknowledge a streamed frame once drawn: the kernel sends the next one only then (or after a timeout).
+    // A custom message, not a trait: ipywidgets holds back a model's state updates while an earlier one is
+    // unanswered, and a busy kernel answers only when its cell ends.
+    const frame = model.get("frame");
+    if (frame && model.get("frame_time")) {
+      const d = (window.wbFrameDelay = window.wbFrameDelay || { n: 0, sum: 0, max: 0 });
+      const late = Date.now() / 1000 - model.get("frame_time");
+      d.n += 1; d.sum += late; d.max = Math.max(d.max, late);
+    }
+    if (frame && frame !== acked) {
+      acked = frame;
+      model.send({ rendered: frame });
     }
   }
 
   draw();
   const schedule = scheduler(draw);
-  const events = ["tokens_json", "tail_json", "n_committed", "title", "selected"];
+  const events = ["tokens_json", "tail_json", "n_committed", "title", "selected", "frame"];
   for (const e of events) model.on(`change:${e}`, schedule);
   return () => { for (const e of events) model.off(`change:${e}`, schedule); };
 }
