@@ -18,6 +18,6 @@ from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logi
 
 __all__ = [
     "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "lens_resid_names", "lens_top", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
-    "repeated_random_tokens",
+    "lens_logits", "lens_resid_names", "lens_top", "logit_lens", "pattern_scores", "previous_occurrence",
+    "previous_token_scores", "repeated_random_tokens",
 ]

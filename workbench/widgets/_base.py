@@ -20,8 +20,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 # this is the fallback for tokenizers whose pieces carry raw text).
 _VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍",
             # zero-width and invisible format characters: named, or a chip would look empty
-            "\u200b": "⟨ZWSP⟩", "\u200c": "⟨ZWNJ⟩", "\u200d": "⟨ZWJ⟩", "\u2060": "⟨WJ⟩", "\ufeff": "⟨BOM⟩",
-            "\u00ad": "⟨SHY⟩", "\u200e": "⟨LRM⟩", "\u200f": "⟨RLM⟩", "\u034f": "⟨CGJ⟩"}
+            "\u200b": "⟨ZWSP⟩", "\u200c": "⟨ZWNJ⟩", "\u200d": "⟨ZWJ⟩", "\u2060": "⟨WJ⟩",
+            "\ufeff": "⟨BOM⟩", "\u00ad": "⟨SHY⟩", "\u200e": "⟨LRM⟩", "\u200f": "⟨RLM⟩", "\u034f": "⟨CGJ⟩"}
 
 
 def static_text(*names: str) -> str:

@@ -3,9 +3,11 @@
 ``run()`` calls ``model.generate(..., capture=..., on_step=...)`` in the cell. Every step is stored in Python
 (cheap); the browser gets at most one **frame** every ``frame_interval`` seconds (0.1 s) with only what changed:
 the new tokens (the token strip is appended to, never re-sent), the attention window and the lens columns on
-screen. The page acknowledges each frame once it has drawn it, and the next frame waits for that (up to
-``max_frame_wait`` seconds): steps in between are merged into it, never queued, so the page stays within about
-one frame of the kernel however fast the model generates and however slow the browser is.
+screen. The page acknowledges each frame once it has drawn it, and at most two frames are in flight (one being
+drawn, one travelling; otherwise the next waits up to ``max_frame_wait`` seconds): steps in between are merged
+into the next frame, never queued, so the page stays within about one frame of the kernel however fast the model
+generates and however slow the browser is. The heatmap and the lens grid, which cost the page far more than a
+few new chips, follow at most every ``views_interval`` seconds (0.3 s) during a run.
 
 **Stop during run().** A busy kernel runs widget callbacks only after the cell ends, so a normal button cannot
 reach a running loop. The Stop button's messages are also inspected on the kernel's shell-channel thread
@@ -56,7 +58,7 @@ class GenerationView(W.VBox):
     def __init__(self, model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int = 32,
                  attention_layers: Optional[Sequence[int]] = None, top_k: int = 5, target: Any = None,
                  window: int = 32, lens_window: int = 12, frame_interval: float = 0.1,
-                 max_frame_wait: float = 1.0, **generate_kwargs: Any) -> None:
+                 max_frame_wait: float = 0.5, views_interval: float = 0.3, **generate_kwargs: Any) -> None:
         for bad in ("on_step", "capture", "stop", "streamer"):
             if bad in generate_kwargs:
                 raise ValueError(f"{bad}= is set by GenerationView itself; remove it from the arguments")
@@ -69,12 +71,14 @@ class GenerationView(W.VBox):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, int(max_new_tokens)
         self.generate_kwargs = generate_kwargs
         self.frame_interval, self.max_frame_wait = float(frame_interval), float(max_frame_wait)
+        self.views_interval = float(views_interval)
         self.prompt_ids = self._prompt_ids(tokenizer, prompt)
         self.attention_layers = layers
         self.stop_event = threading.Event()
         self.result: Optional[torch.Tensor] = None
         self.error: Optional[BaseException] = None
         self.outcome = ""                                      # "done" | "stopped" | "interrupted" | "error"
+        self.stop_requested_at: Optional[float] = None        # time.time() when Stop reached the kernel
         self.step_times: list[float] = []                     # seconds spent in on_step, per step
         self.frame_times: list[float] = []                    # seconds spent sending each frame
         self.timeline: list[tuple[float, int]] = []           # (time.time(), tokens so far) per step
@@ -127,6 +131,7 @@ class GenerationView(W.VBox):
             content = data.get("content") if isinstance(data, dict) else None
             if self._running and isinstance(content, dict) and content.get("event") == "click":
                 self.stop_event.set()
+                self.stop_requested_at = time.time()
             return route(data, default)
 
         comm._reply_subshell_for = route_and_watch
@@ -134,8 +139,8 @@ class GenerationView(W.VBox):
 
     def _watch_frame_acks(self) -> bool:
         """Read the page's frame acknowledgements (custom message ``{"rendered": n}`` from the token strip) on
-        the shell-channel thread, as they arrive, while the main thread generates. False where the kernel has no such thread (then frames go
-        out every ``frame_interval``)."""
+        the shell-channel thread, as they arrive, while the main thread generates. False where the kernel has
+        no such thread (then frames go out every ``frame_interval``)."""
         comm = getattr(self.tokens, "comm", None)
         kernel = getattr(comm, "kernel", None)
         route: Optional[Callable] = getattr(comm, "_reply_subshell_for", None)
@@ -161,12 +166,16 @@ class GenerationView(W.VBox):
         self._last_frame = 0.0
         self._pending: Optional[tuple] = None
         self._sent = self._acked = 0
-        self._last_status = 0.0
+        self._last_status = self._last_views = 0.0
+        self._views_changed = 0
+        self._views_stale = False
+        self._shown: tuple = ([], 0)
 
     # ------------------------------------------------------------------------------------------- running
     def run(self) -> torch.Tensor:
         """Generate in this cell, updating the views live; returns the sequences [1, prompt + new]."""
         self.stop_event.clear()
+        self.stop_requested_at = None
         self.step_times, self.frame_times, self.timeline = [], [], []
         self.result, self.error, self.outcome = None, None, ""
         self._reset()
@@ -192,13 +201,12 @@ class GenerationView(W.VBox):
                 signal.signal(signal.SIGINT, previous)
             self.stop_button.disabled = True
             self.stop_note.value = ""
-            if self.error is None:
-                self.flush()
         self.result = out
         n_new = out.shape[1] - len(self.prompt_ids)
         self.outcome = ("interrupted" if interrupted.is_set() else "stopped" if self.stop_event.is_set()
                         else "done")
-        self._set_status(f"{self.outcome}: {n_new} new tokens")
+        self._set_status(f"{self.outcome}: {n_new} new tokens")     # first: the answer to a Stop click
+        self.flush()                                                   # then the last frame
         return out
 
     @staticmethod
@@ -246,6 +254,7 @@ class GenerationView(W.VBox):
         if not self._running:
             return
         self.stop_event.set()
+        self.stop_requested_at = self.stop_requested_at or time.time()
         self._set_status("stopping…")
 
     def _capture(self, name: str) -> bool:
@@ -274,18 +283,19 @@ class GenerationView(W.VBox):
         self._pending = (ids, info.step)
         self.timeline.append((time.time(), len(ids)))
         since = time.perf_counter() - self._last_frame
-        drawn = not self._acks or self._acked >= self._sent      # the page has drawn the last frame
-        if since >= self.frame_interval and (drawn or since >= self.max_frame_wait):
+        # at most two frames in flight: the page is drawing one while the next travels (no queue builds up)
+        ready = not self._acks or self._sent - self._acked < 2
+        if since >= self.frame_interval and (ready or since >= self.max_frame_wait):
             self.flush()
         self.step_times.append(time.perf_counter() - start)
 
     def flush(self) -> None:
         """Send one frame with everything stored since the last one (merged)."""
-        if self._pending is None:
+        if self._pending is None and not (self._views_stale and not self._running):
             return
         start = time.perf_counter()
-        ids, step = self._pending
-        self._pending = None
+        ids, step = self._pending or self._shown
+        self._pending, self._shown = None, (ids, step)
         records = self._records.update(ids)
         changed = self._records.changed_from             # records before it are on the page already
         self._sent += 1
@@ -293,8 +303,14 @@ class GenerationView(W.VBox):
             self.tokens.show_records(records, self._records.text, ids, changed)
             self.tokens.frame = self._sent
             self.tokens.frame_time = time.time()
-        self.attention.set_tokens(records, changed, scores=not self._running)
-        self.lens.set_tokens(records)
+        # the heatmap and the lens grid cost the page far more than a few new chips: during a run they follow at
+        # most every `views_interval` seconds (their stale frames are merged), the last frame always has them
+        if not self._running or start - self._last_views >= self.views_interval:
+            self.attention.set_tokens(records, self._views_changed, scores=not self._running)
+            self.lens.set_tokens(records)
+            self._last_views, self._views_changed, self._views_stale = start, len(records), False
+        else:
+            self._views_changed, self._views_stale = min(self._views_changed, changed), True
         if self._running and (self._last_frame == 0.0 or start - self._last_status >= 0.5 or self.stop_event.is_set()):
             what = "stopping…" if self.stop_event.is_set() else "generating…"
             self._set_status(f"{what} step {step}: {len(ids) - len(self.prompt_ids)} new tokens")
