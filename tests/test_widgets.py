@@ -159,7 +159,8 @@ def test_snapshots_fit_64_kib_and_say_when_downsampled(model, tok, n):
         assert bundle["text/html"] == html                           # the real snapshot, not the placeholder
     att = views["attention"].to_html()
     assert "data:image/png;base64," in att and "<td" not in att
-    big = AttentionView(model, tok, ids, window=n)                   # the whole pattern in one window
+    big = views["attention"]
+    big.window, big.query = n, -1                                    # the whole pattern in one window
     html = big.to_html()
     assert len(html.encode()) <= 64 * 1024
     assert ("downsampled for the snapshot" in html) == (n > 96)
@@ -545,3 +546,22 @@ def test_zero_width_characters_are_visible(tok):
     assert visible("a\u200db\u200b") == "a⟨ZWJ⟩b⟨ZWSP⟩"
     html = TokenView(tok, "x\u200dy").to_html()
     assert "⟨ZWJ⟩" in html
+
+
+def test_stop_is_visibly_disabled_where_clicks_cannot_reach_run(model, tok):
+    """Outside a kernel with a shell-channel thread (here: no kernel at all) a click cannot reach run(): the
+    button is disabled while it runs, with a one-line reason, and enabled for run_async."""
+    seen = []
+
+    def look(x, hook):
+        if hook.ctx.step == 1:
+            seen.append((view.stop_button.disabled, view.stop_note.value))
+
+    view = GenerationView(model, tok, "the cat", max_new_tokens=3, fwd_hooks=[("hook_embed", look)])
+    view.run()
+    assert seen and seen[0][0] and "run_async" in seen[0][1]
+    assert view.stop_note.value == "" and view.stop_button.disabled
+    seen.clear()
+    view.run_async()
+    view.wait(60)
+    assert seen and not seen[0][0] and seen[0][1] == ""
