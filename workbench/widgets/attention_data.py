@@ -78,11 +78,13 @@ class PatternStore:
         rows = self.layers[layer][head, q0: q0 + nq, : self.n]
         return torch.stack([rows[:, :k0].sum(-1), rows[:, k0 + nk:].sum(-1)], dim=-1)
 
-    def thumbnails(self, layers: Sequence[int], size: int) -> torch.Tensor:
-        """[len(layers) head s s], each head's T×T pattern max-pooled (max, so one sharp edge stays visible)."""
+    def thumbnails(self, layers: Sequence[int], size: int, magnitude: bool = False) -> torch.Tensor:
+        """[len(layers) head s s], each head's T×T pattern max-pooled (max, so one sharp edge stays visible);
+        ``magnitude``: of the absolute values (differences, where negative weight matters as much)."""
         if not layers or self.n == 0:
             return torch.zeros(len(layers), self.n_heads, 0, 0)
-        return torch.stack([F.adaptive_max_pool2d(self.full(layer)[None], (size, size))[0] for layer in layers])
+        pick = (lambda t: t.abs()) if magnitude else (lambda t: t)
+        return torch.stack([F.adaptive_max_pool2d(pick(self.full(layer))[None], (size, size))[0] for layer in layers])
 
     def head_scores(self, token_ids: Optional[torch.Tensor]) -> dict[str, list[list[float]]]:
         """Per layer and head, from the stored patterns of THIS sequence: mean attention to the previous token,

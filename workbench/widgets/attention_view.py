@@ -317,7 +317,7 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
             self._thumbs_n = T
             self.overview_start = start
             self.overview_layers = shown
-            self.thumbs = u8_bytes(data.thumbnails(shown, s))
+            self.thumbs = u8_bytes(data.thumbnails(shown, s, magnitude=self.signed))
             self.thumb_size = s
 
     def _refresh_minimap(self, head: int) -> None:
