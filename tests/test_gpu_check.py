@@ -4,6 +4,9 @@ Asserts what the check is for: weights shared (data_ptr) between ours and transf
 explicit path bitwise equal to transformers' eager attention (batch 1 and left-padded), greedy
 decoding token-identical with every step's logits bitwise equal, fused close to sdpa, and every
 timing / memory cell filled on the timing dtype's rows. Speed itself is never asserted.
+
+The run takes ~15-20 s of CPU time (one torch thread); the 300 s limit is for wall time on a shared,
+oversubscribed machine (measured: 176 s wall for 15 s of CPU at load average 17 on 2 cores).
 """
 
 import json
@@ -27,7 +30,7 @@ def tiny_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
 
