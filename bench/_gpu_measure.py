@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from _limits import Timing, timeit, timeit_interleaved
+from _limits import Timing, machine_line, timeit, timeit_interleaved
 
 
 def make_sync(device: torch.device) -> Callable[[], None]:
@@ -78,8 +78,6 @@ def device_line(device: torch.device) -> str:
         p = torch.cuda.get_device_properties(device)
         return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, "
                 f"torch {torch.__version__}")
-    from _limits import machine_line
-
     return f"CPU: {machine_line()}"
 
 
