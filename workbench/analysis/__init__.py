@@ -16,11 +16,12 @@ from .attention_rows import AttentionRecorder, attention_rows, attention_to_span
 from .attribution import LogitAttribution, direct_logit_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
-from .logit_lens import LogitLens, lens_logits, logit_lens
+from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 from .spans import Span, spans_from_chat
 
 __all__ = [
     "AttentionRecorder", "LogitAttribution", "LogitLens", "Span", "attention_rows", "attention_to_spans",
-    "direct_logit_attribution", "duplicate_token_scores", "induction_scores", "lens_logits", "logit_lens",
-    "pattern_scores", "previous_occurrence", "previous_token_scores", "repeated_random_tokens", "spans_from_chat",
+    "direct_logit_attribution", "duplicate_token_scores", "induction_scores", "lens_logits", "lens_resid_names",
+    "lens_top", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
+    "repeated_random_tokens", "spans_from_chat",
 ]
