@@ -34,6 +34,9 @@ from ..hook_points import StopForward
 from ..model import standard_strides
 
 
+SPAN_BLOCK_BYTES = 32 * 2**20    # attention_to_spans: fp32 scores of one query block (temporaries ~3x)
+
+
 def _index_list(value, size: int, what: str) -> Optional[list]:
     """None (all) or a list of indices in [0, size), negative ones counted from the end."""
     if value is None:
@@ -221,7 +224,8 @@ def attention_to_spans(model, input_ids: torch.Tensor, spans, queries=None, laye
 
     def layer_fn(attn, layer, q, k, masks) -> None:     # replaces the recorder's row storage
         offset = masks.past_len + masks.n_new - k.shape[-2]
-        for r0, r1, rows in selected_rows(attn, q, k, masks, h_list, q_list):
+        block = max(MIN_BLOCK, SPAN_BLOCK_BYTES // (4 * k.shape[-2] * q.shape[0] * len(h_list)))
+        for r0, r1, rows in selected_rows(attn, q, k, masks, h_list, q_list, block):
             for j, (start, end) in enumerate(ranges):
                 lo, hi = max(start - offset, 0), max(end - offset, 0)
                 out[slot[layer], :, :, r0:r1, j] = rows[..., lo:hi].sum(-1, dtype=torch.float32)
