@@ -103,12 +103,13 @@ def test_cached_generation_rows(name):
     """Rows of every generated token over the whole cache equal the explicit patterns of the same steps."""
     model = _model(name)
     ids, mask = _inputs(True, pos=9)
-    patterns = []
-    with AttentionRecorder(model, queries=[-1]) as rec:
+    patterns, seen = [], []
+    with AttentionRecorder(model, queries=[-1], on_step=lambda i, rows: seen.append((i, sorted(rows)))) as rec:
         model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0,
                        capture=lambda n: n.endswith("hook_pattern"),
                        on_step=lambda info: patterns.append(dict(info.activations)))
     assert len(rec.steps) == len(patterns) == 6
+    assert seen == [(i, list(range(model.cfg.n_layers))) for i in range(6)]    # called once per forward
     for step, (rows, acts) in enumerate(zip(rec.steps, patterns)):
         for layer in range(model.cfg.n_layers):
             got = rows[layer]

@@ -84,6 +84,7 @@ class AttentionRecorder:
         self.queries = queries
         self.on_step, self.keep = on_step, keep
         self.steps: list[dict] = []
+        self.n_steps = 0                   # forwards recorded so far (also with keep=False)
         self.stop_after_last = False       # attention_rows: end the forward after the last selected layer
         self._current: dict = {}
         self._ctx = None
@@ -127,7 +128,8 @@ class AttentionRecorder:
         if self.keep:
             self.steps.append(step)
         if self.on_step is not None:
-            self.on_step(len(self.steps) - 1 if self.keep else -1, step)
+            self.on_step(self.n_steps, step)
+        self.n_steps += 1
 
 
 def selected_rows(attn, q: torch.Tensor, k: torch.Tensor, masks, heads: Sequence[int], queries: Sequence[int],
