@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .hook_points import StopForward
+from .hook_points import StopForward, generation_step
 from .kv_cache import KVCache
 
 
@@ -264,7 +264,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _Unset
     hooks = list(fwd_hooks or ()) + capture_hooks
     t, step = n_prompt, 0
     bar = _progress(progress, max_new_tokens)
-    ctx = model.hook_ctx
     if streamer is not None:
         streamer.put(input_ids.cpu())
     try:
@@ -272,9 +271,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _Unset
             if max_new_tokens == 0:
                 return out
             seen = kv_cache.seen
-            ctx.step = 0
-            logits = prefill(model, input_ids[:, seen:], kv_cache,
-                             full_mask[:, :n_prompt] if padded else None, positions[:, seen:])
+            step_positions = positions[:, seen:]
+            with generation_step(0):
+                logits = prefill(model, input_ids[:, seen:], kv_cache,
+                                 full_mask[:, :n_prompt] if padded else None, step_positions)
             while True:
                 scores = _process(logits, out[:, :t], s["do_sample"], s["temperature"], s["top_k"], s["top_p"],
                                   s["repetition_penalty"], prompt_start)
@@ -290,19 +290,19 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _Unset
                 if bar is not None:
                     bar.update(1)
                 if on_step is not None:
-                    on_step(_step_info(step, tokens, out[:, :t], ctx.positions, scores, capture_top_k,
+                    on_step(_step_info(step, tokens, out[:, :t], step_positions, scores, capture_top_k,
                                        store, unfinished))
                     store.clear()
                 if t >= total or not bool(unfinished.any()) or _stopped(stop):
                     break
                 step += 1
-                ctx.step = step
-                logits = decode_step(model, tokens, kv_cache, full_mask[:, :t] if padded else None,
-                                     positions[:, -1:] + step)
+                step_positions = positions[:, -1:] + step
+                with generation_step(step):
+                    logits = decode_step(model, tokens, kv_cache, full_mask[:, :t] if padded else None,
+                                         step_positions)
     except (KeyboardInterrupt, StopForward):
         kv_cache.rollback()              # a forward cut short leaves no half-updated layer behind
     finally:
-        ctx.step = None
         store.clear()
         if bar is not None:
             bar.close()

@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import CommandRConfig
-from .hook_points import HookedRootModule, HookPoint
+from .hook_points import HookedRootModule, HookPoint, begin_forward
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -360,7 +360,7 @@ class HookedCommandR(HookedRootModule):
         n_new = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + n_new, device=input_ids.device)[None]
-        self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
+        begin_forward(position_ids, past_len)     # hook.ctx of this forward (per call, per thread)
         x = self.hook_embed(self.embed(input_ids))
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
