@@ -182,6 +182,14 @@ def block_name(layer: int, suffix: str) -> str:
     return f"blocks.{_layer_index(layer)}.{suffix}"
 
 
+def block_key(kind: str) -> str:
+    """The layer-free key of a block hook kind, as ``suffix_of`` gives it: ``"result"`` -> ``"blocks.attn.hook_result"``."""
+    spec = _BY_BLOCK_KIND.get(KIND_ALIASES.get(kind, kind))
+    if spec is None:
+        raise HookNameError(f"unknown block hook kind {kind!r}; known: {[k.kind for k in BLOCK_KINDS]}")
+    return "blocks." + spec.suffix
+
+
 def layer_of(name: str) -> Optional[int]:
     """The block index of a hook or parameter name (None outside the blocks)."""
     m = _LAYER_RE.match(name)

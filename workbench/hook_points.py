@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from .activation_cache import ActivationCache, Deferred, names_filter_fn
-from .hook_names import layer_of
+from .activation_cache import ActivationCache, names_filter_fn
+from .hook_names import layer_of, suffix_of
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 NameOrPredicate = Union[str, Callable[[str], bool]]
@@ -165,6 +165,11 @@ class HookPoint(nn.Module):
         fwd, bwd = self._scoped()
         return bool(fwd or bwd)
 
+    @property
+    def has_bwd_hooks(self) -> bool:
+        """True when a backward hook is attached model-wide or by the call running on this thread."""
+        return bool(self._wide_bwd or self._scoped()[1])
+
     def add_hook(self, fn: HookFn, dir: str = "fwd") -> Callable[[], None]:
         """Attach ``fn`` to every forward of the model (all threads); returns a remover.
 
@@ -283,30 +288,6 @@ def _grad_hook(entry: _Entry, hook: HookPoint):
     return fn
 
 
-def _deferred_result_saver(name: str, attn, store: dict, device):
-    """A hook on ``hook_z`` that stores ``name`` (an ``attn.hook_result``) as a deferred einsum."""
-
-    def save(z: torch.Tensor, hook: HookPoint) -> None:
-        z = z.detach()
-        # Taken inside the forward: under accelerate offload this is the weight loaded for the block
-        # (outside the forward the parameter is on the meta device).
-        weight = attn.o_proj.weight.detach()
-        version = attn.o_proj.weight._version
-        param = attn.o_proj.weight
-
-        def compute() -> torch.Tensor:
-            if param is attn.o_proj.weight and param._version != version:
-                raise RuntimeError(f"{name}: o_proj.weight was modified after the forward that filled this "
-                                   f"cache; re-run run_with_cache to get per-head results")
-            with torch.no_grad():
-                result = attn._per_head_result(z, weight)  # [batch pos head d_model]
-            return result.to(device) if device is not None else result
-
-        store[name] = Deferred(compute)
-
-    return save
-
-
 class _ContextView:
     """``model.hook_ctx``: the context of the forward running on this thread. Setting ``step`` sets
     the generation step of the following forwards on this thread (``generation_step`` scopes it)."""
@@ -329,7 +310,14 @@ class _ContextView:
 
 
 class HookedRootModule(nn.Module):
-    """Mixin for the root model: registry of HookPoints and hooks()/run_with_hooks()/run_with_cache()."""
+    """Mixin for the root model: registry of HookPoints and hooks()/run_with_hooks()/run_with_cache().
+
+    ``deferred_hooks`` (set by the model): hook kind key (``hook_names.suffix_of``) -> a rule whose
+    ``plan(model, name, store, device)`` returns ``(hook to listen to, fn)`` that stores a ``Deferred``
+    entry for ``name``, or None. ``run_with_cache`` uses it for hooks only the cache listens to.
+    """
+
+    deferred_hooks: dict = {}
 
     def setup_hooks(self) -> None:
         """Name every HookPoint after its module path (and its block index)."""
@@ -420,19 +408,19 @@ class HookedRootModule(nn.Module):
             except StopForward:
                 return None
 
-    def _defer_results(self, cache_hooks: list, user_hooks: list, device, store: dict) -> list:
-        """Replace cache-only listeners of ``attn.hook_result`` by a deferred einsum on ``hook_z``."""
+    def _defer(self, cache_hooks: list, user_hooks: list, device, store: dict) -> list:
+        """Cache-only listeners of hooks the model can compute after the forward (``deferred_hooks``,
+        e.g. per-head results from ``z``) are replaced by the listener each rule plans."""
         def user_listens(name: str) -> bool:
             return any((n(name) if callable(n) else n == name) for n, _ in user_hooks)
 
         out = []
         for name, fn in cache_hooks:
-            hp = self._hook_dict[name]
-            attn = self.get_submodule(name.rsplit(".", 1)[0]) if name.endswith("attn.hook_result") else None
-            if attn is None or hp.has_hooks or user_listens(name) or not attn.can_defer_result():
-                out.append((name, fn))
-                continue
-            out.append((name.replace("hook_result", "hook_z"), _deferred_result_saver(name, attn, store, device)))
+            rule = self.deferred_hooks.get(suffix_of(name))
+            plan = None
+            if rule is not None and not self._hook_dict[name].has_hooks and not user_listens(name):
+                plan = rule.plan(self, name, store, device)
+            out.append(plan if plan is not None else (name, fn))
         return out
 
     def cache_hooks(self, names_filter=None, device=None, store: Optional[dict] = None):
@@ -467,7 +455,7 @@ class HookedRootModule(nn.Module):
         """
         user_hooks = list(fwd_hooks or ())
         store, cache_hooks = self.cache_hooks(names_filter, device)
-        cache_hooks = self._defer_results(cache_hooks, user_hooks, device, store)
+        cache_hooks = self._defer(cache_hooks, user_hooks, device, store)
         logits = self.run_with_hooks(input_ids, *args, fwd_hooks=user_hooks + cache_hooks, **kwargs)
         tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None
         return logits, ActivationCache(store, self, metadata={"tokens": tokens})
