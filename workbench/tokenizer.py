@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
@@ -276,7 +277,6 @@ class Tokenizer:
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         if any(len(seq) != longest for seq in ids):
             raise ValueError("sequences have different lengths; pass padding=True to get a tensor")
-        import torch  # only needed for tensors
 
         return BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), longest),
                              attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), longest))

@@ -7,16 +7,21 @@ Example::
     dla = direct_logit_attribution(model, ids, answer=42)
     induction_scores(model)                              # [n_layers n_heads]
 
-Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``stack_head_results``,
-``apply_ln_to_stack``, ``logit_attrs``, ``save``/``load``) are methods of ``ActivationCache``.
+Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``head_results``,
+``stack_head_results``, ``apply_ln_to_stack``, ``logit_attrs``) are functions of a cache, defined in
+``workbench.cache_analysis`` (below the cache, so the cache can offer them as methods too) and
+re-exported here.
 """
 
+from ..cache_analysis import (accumulated_resid, apply_ln_to_stack, decompose_resid, head_results, logit_attrs,
+                              stack_head_results)
 from .attribution import LogitAttribution, direct_logit_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
 from .logit_lens import LogitLens, lens_logits, logit_lens
 
 __all__ = [
+    "accumulated_resid", "apply_ln_to_stack", "decompose_resid", "head_results", "logit_attrs", "stack_head_results",
     "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
     "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
     "repeated_random_tokens",
