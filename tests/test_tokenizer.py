@@ -177,7 +177,7 @@ def test_right_padding_and_single_text(tok, hf):
 
 
 def test_skip_special_tokens_follows_config_flags(tmp_path):
-    """A checkpoint's tokenizer_config.json may flip special flags (spec §7.2); transformers honours them."""
+    """A checkpoint's tokenizer_config.json may flip special flags (added_tokens_decoder); transformers honours them."""
     folder = _require(COMMAND_R)
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     added = json.loads(gzip.decompress((folder / "tokenizer.json.gz").read_bytes()))["added_tokens"]

@@ -19,12 +19,13 @@ from .hook_table import format_hook_table
 from .kv_cache import KVCache
 from .memory import estimate_memory
 from .model import HookedCommandR
+from .notebook_setup import setup_notebook
 from .quantization import QuantizationConfig
 from .tokenizer import Tokenizer
 
 __all__ = [
     "ActivationCache", "CacheMismatchError", "CommandRConfig", "ConfigError", "HookContext", "HookError", "HookPoint",
     "HookedCommandR", "KVCache", "QuantizationConfig", "StopForward", "TextStreamer", "Tokenizer", "act_name",
-    "estimate_memory", "format_hook_table", "generate_text", "get_act_name",
+    "estimate_memory", "format_hook_table", "generate_text", "get_act_name", "setup_notebook",
 ]
 __version__ = "0.1.0"

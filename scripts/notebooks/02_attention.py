@@ -12,25 +12,17 @@
 # exported notebook still shows them.
 
 # %%
-import os
-
-MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
-
-# %%
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
-from workbench.loading import resolve_model_path
+from workbench import CommandRConfig, HookedCommandR, setup_notebook
 from workbench.widgets import AttentionView, TokenView
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
-cfg = model.cfg
+# $WORKBENCH_MODEL_PATH, else the bundled command-r-tiny (or pass a folder: "/models/c4ai-command-r-v01"):
+# float32 when small, a real checkpoint in its own dtype over the GPUs; torch seeded
+model, tok, cfg = setup_notebook()
 
 # %% [markdown]
 # ## Tokens

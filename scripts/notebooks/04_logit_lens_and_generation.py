@@ -9,25 +9,17 @@
 # * **Steering**: add a direction to the residual stream while generating.
 
 # %%
-import os
-
-MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
-
-# %%
 import plotly.graph_objects as go
 import torch
 
 import hooks
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
+from workbench import setup_notebook
 from workbench.analysis import direct_logit_attribution, lens_logits, logit_lens
-from workbench.loading import resolve_model_path
 from workbench.widgets import GenerationView, LogitLensView
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
-cfg = model.cfg
+# $WORKBENCH_MODEL_PATH, else the bundled command-r-tiny (or pass a folder: "/models/c4ai-command-r-v01"):
+# float32 when small, a real checkpoint in its own dtype over the GPUs; torch seeded
+model, tok, cfg = setup_notebook()
 
 # %% [markdown]
 # ## The logit lens
