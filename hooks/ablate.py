@@ -246,3 +246,7 @@ def ablate_heads(heads, how: str = "zero", source=None, hook: str = "z", positio
             fn = resample_ablate(source, heads=hs, positions=positions, generator=generator)
         pairs.append((act_name(hook, layer, "attn"), fn))
     return pairs
+
+
+# The names these helpers had before they were public, for code written against them (e.g. other branches).
+_index, _lookup = to_index, lookup
