@@ -445,9 +445,10 @@ class HookedRootModule(nn.Module):
         ``names_filter``: None (all), a name, a list of names, or a predicate ``str -> bool``.
         ``device``: where the cached tensors are gathered (e.g. "cpu" under offload).
 
-        Per-head ``hook_result`` tensors that only the cache listens to are computed from the
-        cached ``z`` when first read (the same einsum the hooked path runs), so caching every hook
-        costs little more than a forward; a hook on ``hook_result`` gets the eager path.
+        Hooks the model can compute after the forward (its ``deferred_hooks``, e.g. per-head
+        results from a cheaper hook) are, when only the cache listens to them, stored as entries
+        computed on first read, so caching every hook costs little more than a forward; a hook of
+        the caller's own on such a point gets the eager path.
 
         Example::
 
