@@ -307,3 +307,23 @@ def test_model_wide_backward_hook_fires_on_other_thread(model):
     finally:
         remove()
     assert seen == ["blocks.0.hook_resid_post"] and _no_hooks(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autograd's device threads)")
+def test_backward_hooks_fire_on_cuda_autograd_threads():
+    """On a GPU autograd runs backward hooks on its own device thread, where no scope is set: the hook
+    registered during the forward still fires, with that forward's context."""
+    model = HookedCommandR.from_config(CommandRConfig(**CFG), seed=0).cuda()
+    ids = _ids(seed=12).cuda()
+    seen = {}
+
+    def record(g, hook):
+        seen.update(thread=threading.current_thread().name, positions=hook.ctx.positions.tolist(), g=g.clone())
+
+    with model.hooks(bwd_hooks=[("blocks.0.hook_resid_post", record)],
+                     fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: seen.update(x=x))]):
+        loss = _loss(model, ids)
+        (want,) = torch.autograd.grad(loss, seen["x"], retain_graph=True)
+        loss.backward()
+    assert torch.equal(seen["g"], want) and seen["positions"] == [list(range(6))]
+    assert _no_hooks(model)
