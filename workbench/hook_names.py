@@ -148,9 +148,10 @@ def act_name(kind: str, layer: Optional[int] = None, layer_type: Optional[str] =
             kind, layer, packed_type = m.group(1), int(m.group(2)), m.group(3)
             layer_type = layer_type if layer_type is not None else packed_type
     kind = KIND_ALIASES.get(kind, kind)
-    for absent in (kind, layer_type):
-        if absent in _ABSENT:
-            raise HookNameError(f"{absent!r}: {_ABSENT[absent]}")
+    if kind in _ABSENT:
+        raise HookNameError(f"hook kind {kind!r}: {_ABSENT[kind]}")
+    if layer_type in _ABSENT:
+        raise HookNameError(f"layer_type {layer_type!r}: {_ABSENT[layer_type]}")
     module = None
     if layer_type is not None:
         if layer_type not in MODULE_ALIASES:

@@ -8,16 +8,21 @@
 # for bit).
 #
 # It runs on the bundled `command-r-tiny` (3M parameters, trained on a few toy tasks, in the real
-# Command-R format), so it finishes in seconds on any CPU. To run it on a real checkpoint, pass its folder
-# to `setup_notebook` below (or set `WORKBENCH_MODEL_PATH`): e.g. `/models/c4ai-command-r-v01`.
+# Command-R format), so it finishes in seconds on any CPU. To run it on a real checkpoint, change the
+# one line below (or set `WORKBENCH_MODEL_PATH`): e.g. `/models/c4ai-command-r-v01`.
+
+# %%
+import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
 
 # %%
 import torch
 
 from workbench import CommandRConfig, HookedCommandR, Tokenizer, setup_notebook
 
-info = setup_notebook(load=False)   # or setup_notebook("/models/c4ai-command-r-v01", load=False); torch seeded
-MODEL, path, cfg = info.name, info.path, info.cfg   # the name, its checkpoint folder, its config.json
+info = setup_notebook(MODEL, load=False)            # torch seeded; nothing loaded yet
+path, cfg = info.path, info.cfg                     # the checkpoint folder, its config.json
 SMALL = info.small                                  # small enough to load several copies on a laptop
 print(f"{MODEL}: {cfg.n_params / 1e6:.1f}M parameters, {cfg.n_layers} layers, d_model {cfg.d_model}, "
       f"{cfg.n_heads} heads ({cfg.n_kv_heads} KV heads), logit_scale {cfg.logit_scale}, "

@@ -10,15 +10,19 @@
 # the model generates.
 
 # %%
+import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
+
+# %%
 import torch
 import torch.nn.functional as F
 
 from workbench import setup_notebook
 from workbench.hook_table import format_hook_table
 
-# $WORKBENCH_MODEL_PATH, else the bundled command-r-tiny (or pass a folder: "/models/c4ai-command-r-v01"):
-# float32 when small, a real checkpoint in its own dtype over the GPUs; torch seeded
-model, tok, cfg = setup_notebook()
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
 print(ids.shape, "|", tok.decode(ids[0]))

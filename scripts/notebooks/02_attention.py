@@ -12,6 +12,11 @@
 # exported notebook still shows them.
 
 # %%
+import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
+
+# %%
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
@@ -20,9 +25,8 @@ from plotly.subplots import make_subplots
 from workbench import CommandRConfig, HookedCommandR, setup_notebook
 from workbench.widgets import AttentionView, TokenView
 
-# $WORKBENCH_MODEL_PATH, else the bundled command-r-tiny (or pass a folder: "/models/c4ai-command-r-v01"):
-# float32 when small, a real checkpoint in its own dtype over the GPUs; torch seeded
-model, tok, cfg = setup_notebook()
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 
 # %% [markdown]
 # ## Tokens

@@ -14,15 +14,19 @@
 # returns ordinary `(hook name, fn)` pairs for `run_with_hooks` and `generate`.
 
 # %%
+import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
+
+# %%
 import plotly.graph_objects as go
 import torch
 
 import hooks
 from workbench import setup_notebook
 
-# $WORKBENCH_MODEL_PATH, else the bundled command-r-tiny (or pass a folder: "/models/c4ai-command-r-v01"):
-# float32 when small, a real checkpoint in its own dtype over the GPUs; torch seeded
-model, tok, cfg = setup_notebook()
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 
 
 def heatmap(z, x, y, title, zmid=None, height=300):

@@ -9,6 +9,11 @@
 # * **Steering**: add a direction to the residual stream while generating.
 
 # %%
+import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
+
+# %%
 import plotly.graph_objects as go
 import torch
 
@@ -17,9 +22,8 @@ from workbench import setup_notebook
 from workbench.analysis import direct_logit_attribution, lens_logits, logit_lens
 from workbench.widgets import GenerationView, LogitLensView
 
-# $WORKBENCH_MODEL_PATH, else the bundled command-r-tiny (or pass a folder: "/models/c4ai-command-r-v01"):
-# float32 when small, a real checkpoint in its own dtype over the GPUs; torch seeded
-model, tok, cfg = setup_notebook()
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 
 # %% [markdown]
 # ## The logit lens

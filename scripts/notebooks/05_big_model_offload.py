@@ -8,8 +8,12 @@
 # load's, and hooks keep working.
 
 # %%
-import logging
 import os
+
+MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models/c4ai-command-r-v01"
+
+# %%
+import logging
 import tempfile
 from collections import Counter
 
@@ -18,8 +22,7 @@ import torch
 from workbench import CommandRConfig, HookedCommandR, Tokenizer, estimate_memory, setup_notebook
 from workbench.memory import fmt_bytes
 
-info = setup_notebook(load=False)   # $WORKBENCH_MODEL_PATH or command-r-tiny (or pass a folder); torch seeded
-MODEL = info.name
+info = setup_notebook(MODEL, load=False)   # torch seeded; only the config is read here
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)   # planning for GPUs this machine may not have
 
