@@ -18,11 +18,11 @@ from ..cache_analysis import (accumulated_resid, apply_ln_to_stack, decompose_re
 from .attribution import LogitAttribution, direct_logit_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
-from .logit_lens import LogitLens, lens_logits, logit_lens
+from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 
 __all__ = [
     "accumulated_resid", "apply_ln_to_stack", "decompose_resid", "head_results", "logit_attrs", "stack_head_results",
     "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
-    "repeated_random_tokens",
+    "lens_logits", "lens_resid_names", "lens_top", "logit_lens", "pattern_scores", "previous_occurrence",
+    "previous_token_scores", "repeated_random_tokens",
 ]
