@@ -171,7 +171,8 @@ def tensor_table(out_dir: str, file: str) -> dict:
             if name.startswith("__") or "::" in name:
                 continue
             sl = f.get_slice(name)
-            out[name] = {"dtype": str(sl.get_dtype()), "shape": list(sl.get_shape())[1:]}
+            dtype = str(sl[:1].dtype).replace("torch.", "")       # one row read: torch's dtype name
+            out[name] = {"dtype": dtype, "shape": list(sl.get_shape())[1:]}
     return out
 
 
