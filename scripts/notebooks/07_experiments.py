@@ -96,9 +96,10 @@ except ValueError as e:
 # %% [markdown]
 # ## A linear probe: was the previous token a digit?
 #
-# Whether the *current* token is a digit can be read off the embedding. Whether the *previous* one was cannot: that
-# information has to be moved to this position by attention. A logistic-regression probe per hook, trained on the
-# first 180 prompts and tested on the other 60, shows at which depth the residual stream carries it.
+# Whether the *current* token is a digit can be read off the embedding. Whether the *previous* one was can only be
+# guessed from the current token (a digit is often followed by " " or " +"); the rest has to be moved to this
+# position by attention. A logistic-regression probe per hook, trained on the first 180 prompts and tested on the
+# other 60, shows how much each depth of the residual stream carries (compare with always answering "no").
 # `iter_batches` yields shuffled rows (one per stored token) with their `tokens`, `prompt` and `position`.
 
 # %%
