@@ -144,6 +144,9 @@ def test_map_prompts_per_prompt_values(model, tmp_path):
         torch.testing.assert_close(ds[i]["last"], ref, rtol=0, atol=1e-5)
         assert ds[i]["ids"].tolist() == ids and int(ds[i]["n"]) == len(ids)
     assert ds.stack("n").tolist() == [len(p) for p in prompts]
+    assert map_prompts(model, prompts, fn, tmp_path, batch_size=3, progress=False).last_run["computed"] == []
+    with pytest.raises(ExperimentMismatchError, match="different function"):      # an edited fn is refused
+        map_prompts(model, prompts, lambda m, b: {"n": [int(k) + 1 for k in b.lengths]}, tmp_path, progress=False)
     with pytest.raises(ValueError, match="one value per prompt"):
         map_prompts(model, prompts, lambda m, b: {"x": torch.zeros(())}, tmp_path / "bad", progress=False)
 
@@ -310,3 +313,123 @@ def test_ray_worker_killed_mid_shard_is_retried(model_dir, ray_session, tmp_path
     local = collect_activations(model_dir, prompts, HOOKS, tmp_path / "local", batch_size=2, shard_size=2,
                                 progress=False)
     assert_same_dataset(local, dist)
+
+
+# ---------------------------------------------------------------------------------------- Ray's scheduling, in-process
+class FakeRay:
+    """The slice of Ray's API the backend uses, run synchronously in this process: tests the driver's scheduling
+    and retries where a Ray instance cannot start (actors are plain objects; a dead actor raises RayActorError)."""
+
+    class exceptions:
+        class RayActorError(Exception):
+            pass
+
+        class RayTaskError(Exception):
+            def __init__(self, cause):
+                super().__init__(str(cause))
+                self.cause = cause
+
+            def as_instanceof_cause(self):
+                return self.cause
+
+    class Died(Exception):
+        pass
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def remote(self, **options):
+        fake = self
+
+        class ActorClass:
+            def __init__(self, cls):
+                self.cls = cls
+
+            def remote(self, *args):
+                return Actor(fake, len(fake.calls), self.cls(*args))
+
+        return ActorClass
+
+    def put(self, value):
+        return value
+
+    def get(self, refs):
+        return [r.result() for r in refs] if isinstance(refs, list) else refs.result()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def kill(self, actor):
+        actor.dead = True
+
+    def shutdown(self):
+        pass
+
+
+class Ref:
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Actor:
+    def __init__(self, fake, index, obj):
+        self.fake, self.obj, self.dead = fake, obj, False
+
+    def __getattr__(self, method):
+        actor = self
+
+        class Method:
+            def remote(self, *args):
+                if actor.dead:
+                    return Ref(error=FakeRay.exceptions.RayActorError("actor is dead"))
+                actor.fake.calls.append((id(actor), method))
+                try:
+                    return Ref(getattr(actor.obj, method)(*args))
+                except FakeRay.Died:
+                    actor.dead = True
+                    return Ref(error=FakeRay.exceptions.RayActorError("worker exited mid-shard"))
+                except Exception as e:
+                    return Ref(error=FakeRay.exceptions.RayTaskError(e))
+
+        return Method()
+
+
+def test_ray_scheduling_and_retry_in_process(model_dir, tmp_path, monkeypatch):
+    from workbench.experiments import ray_backend
+
+    def die(_n):
+        raise FakeRay.Died
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(ray_backend, "_die", die)
+    monkeypatch.setenv("WORKBENCH_EXPERIMENTS_FAULT", "exit-mid-shard")
+    prompts = make_prompts(10, seed=23)
+    dist = collect_activations(model_dir, prompts, HOOKS, tmp_path / "ray", batch_size=2, shard_size=2,
+                               backend="ray", num_workers=2, progress=False)
+    assert dist.last_run["retried"] == [{"shard": 4, "worker": 0, "error": "RayActorError"}]   # longest shard first
+    assert dist.last_run["computed"] == list(range(5)) and dist.last_run["workers"] == [1]
+    monkeypatch.delenv("WORKBENCH_EXPERIMENTS_FAULT")
+    local = collect_activations(model_dir, prompts, HOOKS, tmp_path / "local", batch_size=2, shard_size=2,
+                                progress=False)
+    assert_same_dataset(local, dist)
+    assert local.manifest["model"] == dist.manifest["model"]
+
+    # an error inside fn is the user's: raised at once, not retried
+    with pytest.raises(ZeroDivisionError):
+        map_prompts(model_dir, prompts, lambda m, b: {"x": 1 / 0}, tmp_path / "err", backend="ray", num_workers=2,
+                    progress=False)
+    # a loaded model cannot travel to workers
+    with pytest.raises(ValueError, match="pass its name or path"):
+        collect_activations(build(), prompts, HOOKS, tmp_path / "x", backend="ray", progress=False)

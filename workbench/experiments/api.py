@@ -21,7 +21,8 @@ from ..hook_points import HookError
 from ..loading import resolve_model_path
 from ..model import HookedCommandR
 from ..tokenizer import Tokenizer
-from .batching import inputs_fingerprint, normalize_inputs, plan_shards, positions_label, select_positions, ShardPlan
+from .batching import (ShardPlan, callable_label, inputs_fingerprint, normalize_inputs, plan_shards, positions_label,
+                       select_positions)
 from .dataset import ActivationDataset
 from .local import ActivationTask, MapTask, run_local
 from .ray_backend import RayPool, require_ray
@@ -119,7 +120,7 @@ def _run(kind: str, model, inputs, task_args: dict, out_dir, batch_size: int, ba
         fn = task_args["fn"]
         if not callable(fn):
             raise TypeError(f"fn: expected a callable fn(model, batch) -> dict, got {type(fn).__name__}")
-        identity["fn"] = positions_label(fn)
+        identity["fn"] = callable_label(fn)
         task = MapTask(fn)
 
     existing = read_manifest(out_dir)

@@ -143,11 +143,22 @@ def inputs_fingerprint(tokens: list[list[int]]) -> str:
 # ---------------------------------------------------------------------------------------- positions
 def positions_label(positions: PositionSpec) -> str:
     """How a positions choice is recorded in the manifest ("all", "last" or "callable:module.name")."""
-    if positions in ("all", "last"):
+    if isinstance(positions, str) and positions in ("all", "last"):
         return positions
     if callable(positions):
-        return f"callable:{getattr(positions, '__module__', '?')}.{getattr(positions, '__qualname__', repr(positions))}"
+        return callable_label(positions)
     raise ValueError(f"positions: expected 'all', 'last' or a callable fn(token_ids) -> positions, got {positions!r}")
+
+
+def callable_label(fn: Callable) -> str:
+    """``callable:module.name#hash`` where the hash covers the function's bytecode and constants, so a resumed
+    run refuses an edited function (values captured in a closure are not covered)."""
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"callable:{name}"
+    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]
+    return f"callable:{name}#{digest}"
 
 
 def select_positions(positions: PositionSpec, tokens: list[list[int]]) -> list[list[int]]:
