@@ -14,7 +14,7 @@ Tables:
 2. **Ray**: ``backend="ray", num_workers=2`` (each actor 1 torch thread) against ``backend="local"`` with 1
    thread, same shards. Two times for Ray: the whole call (Ray start, actors loading the model) and the shard
    phase alone (``ds.last_run["seconds"]``). Skipped with the reason when Ray is missing or cannot start.
-3. **peak RSS**: each in a fresh subprocess, ``ru_maxrss`` rise over the loaded model for ``collect_activations``
+3. **peak RSS**: each in a fresh subprocess, peak ``ru_maxrss`` minus the RSS held after loading the model for ``collect_activations``
    on N and 4N prompts (should stay flat: one shard in memory) and for the hand-written loop (grows with N).
 
 Run::
@@ -89,7 +89,7 @@ def rss_worker(mode: str, folder: str, n: int, out: str) -> None:
     prompts = make_prompts(n, model.cfg.vocab_size)
     hooks = hooks_of(model.cfg.n_layers)
     hand_loop(model, prompts[:4], hooks)                 # warm allocator and kernels for both modes
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = current_rss_kib()      # now, not the peak: loading the model peaks above what it then holds
     if mode == "collect":
         collect_activations(model, prompts, hooks, out, batch_size=16, progress=False)
         kept = None
@@ -98,6 +98,11 @@ def rss_worker(mode: str, folder: str, n: int, out: str) -> None:
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stored = sum(len(p) for p in prompts) * model.cfg.d_model * 4 * len(hooks)
     print(json.dumps({"rise_mib": (after - before) / 1024, "stored_mib": stored / 2**20, "kept": kept is not None}))
+
+
+def current_rss_kib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
 
 
 def measure_rss(mode: str, folder: str, n: int) -> dict:
@@ -121,6 +126,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-limits", action="store_true")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS table")
     ap.add_argument("--rss-worker", nargs=4, metavar=("MODE", "FOLDER", "N", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_worker:
@@ -129,9 +135,8 @@ def main() -> None:
 
     import torch
 
-    from _limits import machine_line, measure_limits, print_limits, print_table, timeit_interleaved
+    from _limits import machine_line, measure_limits, print_limits, print_table
     from workbench import HookedCommandR
-    from workbench.experiments import collect_activations
 
     torch.set_num_threads(args.threads)
     n = args.prompts or (48 if args.tiny else 512)
@@ -149,24 +154,10 @@ def main() -> None:
         print(f"model d_model {model.cfg.d_model}, {model.cfg.n_layers} layers, vocab {model.cfg.vocab_size}; "
               f"{n} prompts, {tokens} tokens; hooks: resid_post x {len(hooks)}; threads {args.threads}\n")
 
-        runs = iter(range(10**6))
-
-        def batched():
-            out = os.path.join(work, f"run{next(runs)}")
-            collect_activations(model, prompts, hooks, out, batch_size=16, progress=False)
-            shutil.rmtree(out)
-
-        t = timeit_interleaved({"collect_activations (batch 16, to disk)": batched,
-                                "hand loop: run_with_cache per prompt (in RAM)": lambda: hand_loop(model, prompts, hooks)},
-                               repeat=args.repeat, warmup=0)
-        base = t["hand loop: run_with_cache per prompt (in RAM)"]
-        rows = [[name, f"{tokens / tm.min:,.0f}", f"{tokens / tm.median:,.0f}", f"{base.min / tm.min:.2f}x"]
-                for name, tm in t.items()]
-        print_table(rows, ["contender", "tokens/s (best)", "tokens/s (median)", "speed-up vs loop"])
-
-        if not args.skip_ray:
-            ray_table(folder, model, prompts, hooks, tokens, work)
-
+        if not args.rss_only:
+            speed_table(args, model, prompts, hooks, tokens, work)
+            if not args.skip_ray:
+                ray_table(folder, model, prompts, hooks, tokens, work)
         rss_rows = []
         for mode in ("collect", "loop"):
             for size in (n // 4, n):
@@ -176,6 +167,25 @@ def main() -> None:
         print_table(rss_rows, ["mode", "prompts", "activations MiB", "peak RSS rise MiB"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def speed_table(args, model, prompts, hooks, tokens, work) -> None:
+    from _limits import print_table, timeit_interleaved
+    from workbench.experiments import collect_activations
+
+    runs = iter(range(10**6))
+
+    def batched():
+        out = os.path.join(work, f"run{next(runs)}")
+        collect_activations(model, prompts, hooks, out, batch_size=16, progress=False)
+        shutil.rmtree(out)
+
+    loop = "hand loop: run_with_cache per prompt (in RAM)"
+    t = timeit_interleaved({"collect_activations (batch 16, to disk)": batched,
+                            loop: lambda: hand_loop(model, prompts, hooks)}, repeat=args.repeat, warmup=0)
+    rows = [[name, f"{tokens / tm.min:,.0f}", f"{tokens / tm.median:,.0f}", f"{t[loop].min / tm.min:.2f}x"]
+            for name, tm in t.items()]
+    print_table(rows, ["contender", "tokens/s (best)", "tokens/s (median)", "speed-up vs loop"])
 
 
 def ray_table(folder, model, prompts, hooks, tokens, work) -> None:
