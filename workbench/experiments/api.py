@@ -8,6 +8,7 @@ actors) -> mark the manifest complete. Every refusal happens before the first sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -130,7 +131,7 @@ def _run(kind: str, model, inputs, task_args: dict, out_dir, batch_size: int, ba
                        out_dir)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     pool = RayPool(name, model_kwargs, num_workers, ray_address, worker_threads, max_retries) if backend == "ray" else None
-    with pool if pool is not None else _Nothing():
+    with pool if pool is not None else contextlib.nullcontext():
         if pool is not None:
             wfp, cfp = pool.fingerprints()
             if cfp != identity["model"]["config_fingerprint"]:
@@ -169,14 +170,6 @@ def _run(kind: str, model, inputs, task_args: dict, out_dir, batch_size: int, ba
     ds.last_run = {"computed": sorted(r["shard"] for r in reports), "skipped": skipped, "retried": retried,
                    "workers": sorted({r["worker"] for r in reports if "worker" in r}), "backend": backend, "seconds": time.perf_counter() - start}
     return ds
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _bar(progress, total: int, initial: int, kind: str):

@@ -48,17 +48,20 @@ class ActivationTask:
         with torch.no_grad():
             model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
                                  position_ids=batch.position_ids, fwd_hooks=[(n, save) for n in self.hook_names])
-        out: dict = {name: [] for name in self.hook_names}
-        for b, p in enumerate(batch.prompt_indices.tolist()):
-            start = batch.input_ids.shape[1] - int(batch.lengths[b])
-            index = torch.tensor(self.positions[p], dtype=torch.long) + start
-            for name in self.hook_names:
-                x = store[name]
-                if x.dim() < 2 or x.shape[:2] != batch.input_ids.shape:
-                    raise ValueError(f"hook {name!r}: expected a [batch pos ...] tensor, got shape {tuple(x.shape)}")
-                rows = x[b].index_select(0, index.to(x.device)).to("cpu")
-                out[name].append(rows.to(self.dtype) if self.dtype is not None else rows)
+        out: dict = {}
+        for name in self.hook_names:
+            x = store[name]
+            if x.dim() < 2 or x.shape[:2] != batch.input_ids.shape:
+                raise ValueError(f"hook {name!r}: expected a [batch pos ...] tensor, got shape {tuple(x.shape)}")
+            x = x.to("cpu", self.dtype) if self.dtype is not None else x.to("cpu")    # one copy per batch
+            out[name] = [x[b].index_select(0, self._index(batch, b, p))
+                         for b, p in enumerate(batch.prompt_indices.tolist())]
         return out
+
+    def _index(self, batch: Batch, b: int, p: int) -> torch.Tensor:
+        """Columns of prompt ``p`` (row ``b``) to keep: its selected positions after the left padding."""
+        start = batch.input_ids.shape[1] - int(batch.lengths[b])
+        return torch.tensor(self.positions[p], dtype=torch.long) + start
 
 
 class MapTask:
