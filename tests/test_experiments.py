@@ -94,6 +94,20 @@ def test_every_stored_row_equals_run_with_cache_alone(model, tmp_path):
     assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))
 
 
+def test_cohere2_sliding_window_rows_equal_alone(tmp_path):
+    # left padding shifts cache indices, not the distances a sliding window (5) compares
+    cfg = CommandRConfig(**{**CFG, "n_layers": 4, "use_qk_norm": False}, model_type="cohere2", sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention"] * 2)
+    m = HookedCommandR.from_config(cfg, seed=2).eval()
+    prompts = make_prompts(6, seed=29, max_len=14)
+    names = ["blocks.0.hook_resid_post", "blocks.2.attn.hook_rot_k", "blocks.3.hook_resid_post"]
+    ds = collect_activations(m, prompts, names, tmp_path, batch_size=3, progress=False)
+    for i, ids in enumerate(prompts):
+        ref = alone(m, ids, names)
+        for name in names:
+            torch.testing.assert_close(ds[i][name], ref[name], rtol=0, atol=1e-5, msg=f"prompt {i} {name}")
+
+
 def test_positions_last_callable_and_dtype(model, tmp_path):
     prompts = make_prompts(9, seed=3)
     names = ["blocks.2.hook_resid_post"]
