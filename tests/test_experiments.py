@@ -280,16 +280,11 @@ def ray_session():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'commandr-workbench[distributed]')")
     # Workers must import this checkout's workbench, not another install.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    error = None
-    for _ in range(2):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:                 # Ray's 30 s node start-up limit on an overloaded machine
-            error = e
-            ray.shutdown()
-    else:
-        pytest.skip(f"a local Ray instance could not start here: {error}")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as e:                     # Ray's fixed 30 s node start-up limit on an overloaded machine
+        ray.shutdown()
+        pytest.skip(f"a local Ray instance could not start here: {e}")
     yield ray
     ray.shutdown()
 
