@@ -14,14 +14,16 @@ Tables:
 2. **Ray**: ``backend="ray", num_workers=2`` (each actor 1 torch thread) against ``backend="local"`` with 1
    thread, same shards. Two times for Ray: the whole call (Ray start, actors loading the model) and the shard
    phase alone (``ds.last_run["seconds"]``). Skipped with the reason when Ray is missing or cannot start.
-3. **peak RSS**: each in a fresh subprocess, peak ``ru_maxrss`` minus the RSS held after loading the model for ``collect_activations``
-   on N and 4N prompts (should stay flat: one shard in memory) and for the hand-written loop (grows with N).
+3. **peak RSS**: each in a fresh subprocess, peak ``ru_maxrss`` minus the RSS held after loading the model, for
+   ``collect_activations`` on N/4 and N prompts (should stay flat: one shard in memory) and for the hand-written
+   loop (grows with N).
 
 Run::
 
     python bench/bench_experiments.py                  # 512 prompts, 2 rounds
     python bench/bench_experiments.py --tiny --repeat 1  # smoke test
     python bench/bench_experiments.py --skip-ray
+    python bench/bench_experiments.py --rss-only --skip-limits
 """
 
 from __future__ import annotations

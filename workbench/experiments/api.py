@@ -168,7 +168,8 @@ def _run(kind: str, model, inputs, task_args: dict, out_dir, batch_size: int, ba
     remove_stale_temporaries(out_dir)
     ds = ActivationDataset(out_dir)
     ds.last_run = {"computed": sorted(r["shard"] for r in reports), "skipped": skipped, "retried": retried,
-                   "workers": sorted({r["worker"] for r in reports if "worker" in r}), "backend": backend, "seconds": time.perf_counter() - start}
+                   "workers": sorted({r["worker"] for r in reports if "worker" in r}), "backend": backend,
+                   "seconds": time.perf_counter() - start}
     return ds
 
 

@@ -124,7 +124,8 @@ class RayPool:
         n = self.num_workers or (gpus if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // self.worker_threads))
         if gpus:
             options = {"num_gpus": 1, "num_cpus": 1}
-            kwargs = self.model_kwargs if {"device", "device_map"} & set(self.model_kwargs) else {**self.model_kwargs, "device": "cuda"}
+            placed = {"device", "device_map"} & set(self.model_kwargs)
+            kwargs = self.model_kwargs if placed else {**self.model_kwargs, "device": "cuda"}
             threads = None
         else:
             options = {"num_cpus": self.worker_threads}
@@ -143,7 +144,8 @@ class RayPool:
                                f"{START_TIMEOUT_S} s; cluster resources: {self.ray.cluster_resources()}")
         found = self.ray.get(refs)
         if len(set(found)) != 1:
-            raise RuntimeError(f"Ray workers loaded different weights from {self.model_name!r}: {sorted(set(f[0][:12] for f in found))}")
+            raise RuntimeError(f"Ray workers loaded different weights from {self.model_name!r}: "
+                               f"{sorted(set(f[0][:12] for f in found))}")
         return found[0]
 
     # ------------------------------------------------------------------ scheduling
