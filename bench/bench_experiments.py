@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-limits", action="store_true")
     ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS table")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray table")
     ap.add_argument("--rss-worker", nargs=4, metavar=("MODE", "FOLDER", "N", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_worker:
@@ -156,10 +157,12 @@ def main() -> None:
         print(f"model d_model {model.cfg.d_model}, {model.cfg.n_layers} layers, vocab {model.cfg.vocab_size}; "
               f"{n} prompts, {tokens} tokens; hooks: resid_post x {len(hooks)}; threads {args.threads}\n")
 
-        if not args.rss_only:
+        if not args.rss_only and not args.ray_only:
             speed_table(args, model, prompts, hooks, tokens, work)
-            if not args.skip_ray:
-                ray_table(folder, model, prompts, hooks, tokens, work)
+        if not args.rss_only and not args.skip_ray:
+            ray_table(folder, model, prompts, hooks, tokens, work)
+        if args.ray_only:
+            return
         rss_rows = []
         for mode in ("collect", "loop"):
             for size in (n // 4, n):
