@@ -112,7 +112,7 @@ def previous_is_digit(prompt: torch.Tensor, position: torch.Tensor) -> torch.Ten
     return torch.isin(prev, digit_ids).float() * (position > 0)
 
 
-def train_probe(hook: str, epochs: int = 4, split: int = 180):
+def train_probe(hook: str, epochs: int = 3, split: int = 180):
     probe = torch.nn.Linear(cfg.d_model, 1)
     opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
     for epoch in range(epochs):
@@ -193,4 +193,4 @@ if ray is not None:
     ray.shutdown()
     same = all(torch.equal(local[i][resid(1)], dist[i][resid(1)]) for i in range(len(subset)))
     print(f"Ray, 2 workers: {len(dist)} prompts in {time.perf_counter() - start:.1f} s (start-up included); "
-          f"shards per worker {dist.last_run['workers']}; identical to local: {same}")
+          f"workers that computed shards: {dist.last_run['workers']}; identical to local: {same}")
