@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from einops import rearrange
 
+from .tl_cache import TLCacheMixin
+
 NamesFilter = Union[None, str, list, tuple, set, Callable[[str], bool]]
 
 FILE_FORMAT = "workbench.activation_cache"
@@ -167,7 +169,7 @@ class _CacheDict(dict):
         return [(k, self[k]) for k in self]
 
 
-class ActivationCache:
+class ActivationCache(TLCacheMixin):
     """A read-only mapping of hook name -> activation tensor from one forward.
 
     ``metadata`` may hold ``tokens`` (the prompt, LongTensor [batch pos]) and ``fingerprint`` (the

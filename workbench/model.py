@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import CommandRConfig
 from .hook_points import HookedRootModule, HookPoint
+from .tl_model import TLAttentionMixin, TLMLPMixin, TLModelMixin
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -120,7 +121,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return ((x * cos) + (swapped * signed_sin)).to(dtype)
 
 
-class Attention(nn.Module):
+class Attention(TLAttentionMixin, nn.Module):
     """Named stages: q/k/v -> q_normed/k_normed -> rot_q/rot_k -> attn_scores -> pattern -> z -> result."""
 
     def __init__(self, cfg: CommandRConfig, layer: int) -> None:
@@ -231,7 +232,7 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kh, group, t, d).reshape(b, kh * group, t, d)
 
 
-class MLP(nn.Module):
+class MLP(TLMLPMixin, nn.Module):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
 
     def __init__(self, cfg: CommandRConfig) -> None:
@@ -318,7 +319,7 @@ class Masks:
         return self._cache[key]
 
 
-class HookedCommandR(HookedRootModule):
+class HookedCommandR(TLModelMixin, HookedRootModule):
     """Command-R with a named hook at every stage.
 
     Example::
@@ -345,7 +346,9 @@ class HookedCommandR(HookedRootModule):
 
     # ------------------------------------------------------------------ computation
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0, *,
+                return_type: Optional[str] = "logits", loss_per_token: bool = False, prepend_bos: Optional[bool] = None,
+                padding_side: Optional[str] = None, stop_at_layer: Optional[int] = None):
         """input_ids [batch pos] -> logits [batch pos vocab].
 
         ``attention_mask`` [batch past+pos] (1 = real token) masks keys; ``position_ids`` default to
@@ -354,7 +357,17 @@ class HookedCommandR(HookedRootModule):
         ``logits_to_keep`` > 0 unembeds only the last that many positions, as transformers (its
         ``generate`` uses 1: same logits bit for bit, no [pos vocab] tensor for a long prompt);
         ``ln_final`` hooks still see every position, ``hook_logits*`` only the kept ones.
+
+        TransformerLens' arguments (``workbench.tl_model``): ``input_ids`` may be a string or a list of
+        strings (tokenized with BOS unless ``prepend_bos=False``, padded on ``padding_side`` and masked
+        by the model); ``return_type`` "logits" | "loss" | "both" | None, ``loss_per_token``;
+        ``stop_at_layer=l`` returns the residual stream entering block l (``blocks.l.hook_resid_pre``).
         """
+        # --- TransformerLens arguments -> tensors (tl_model.TLModelMixin.prepare_forward)
+        call = self.prepare_forward(input_ids, attention_mask, position_ids, kv_cache, logits_to_keep, return_type,
+                                    loss_per_token, prepend_bos, padding_side, stop_at_layer)
+        input_ids, attention_mask, position_ids = call.input_ids, call.attention_mask, call.position_ids
+        # ---
         past_len = kv_cache.seen if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, past_len)
         n_new = input_ids.shape[1]
@@ -365,15 +378,20 @@ class HookedCommandR(HookedRootModule):
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
         explicit = self.attn_impl == "explicit"
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i == call.stop_at_layer:          # TL's stop_at_layer: the residual entering block i
+                return x
             x = block(x, rope, masks, kv_cache, explicit)
+        if call.stop_at_layer == len(self.blocks):
+            return x
         if kv_cache is not None:
             kv_cache.advance(n_new)
         x = self.ln_final(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.hook_logits_unscaled(self.unembed(x))
-        return self.hook_logits(logits * self.cfg.logit_scale)
+        logits = self.hook_logits(logits * self.cfg.logit_scale)
+        return self.finish_forward(call, logits)   # TL's return_type (tl_model.TLModelMixin.finish_forward)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, past_len: int) -> None:
         """Refuse bad inputs before anything runs (no hook fires, the cache is untouched)."""
@@ -424,7 +442,14 @@ class HookedCommandR(HookedRootModule):
 
     @property
     def W_U(self) -> torch.Tensor:
-        return self.unembed.weight.T               # [d_model vocab]
+        """[d_model vocab] INCLUDING logit_scale: ``ln_final(resid) @ W_U`` is the model's logits
+        (TransformerLens' arithmetic). The stored (tied) weight is ``W_U_raw``."""
+        return self.unembed.weight.T * self.cfg.logit_scale
+
+    @property
+    def W_U_raw(self) -> torch.Tensor:
+        """[d_model vocab] the unembedding weight as stored (tied to W_E), without logit_scale."""
+        return self.unembed.weight.T
 
     def hook_table(self, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
         """Every hook name with its shape and dtype for a [batch, pos] input, without running."""
@@ -452,9 +477,8 @@ class HookedCommandR(HookedRootModule):
         save_pretrained(self, path, **kwargs)
 
     def generate(self, input_ids, *args, **kwargs) -> torch.Tensor:
-        from .generation import generate
-
-        return generate(self, input_ids, *args, **kwargs)
+        """``workbench.generation.generate``; also takes strings (text out) and TL's arguments (tl_model)."""
+        return self.generate_tl(input_ids, *args, **kwargs)
 
 
 def _on_meta(cls, cfg):
