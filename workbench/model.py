@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import CommandRConfig
 from .hook_points import HookedRootModule, HookPoint
+from .sae_splice import SAEHostMixin
 from .tl_model import TLAttentionMixin, TLMLPMixin, TLModelMixin
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -319,7 +320,7 @@ class Masks:
         return self._cache[key]
 
 
-class HookedCommandR(TLModelMixin, HookedRootModule):
+class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
     """Command-R with a named hook at every stage.
 
     Example::

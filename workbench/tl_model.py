@@ -161,7 +161,7 @@ class TLModelMixin(TLTokensMixin):
                 raise ValueError("string input: the model builds the attention_mask itself and cannot extend a kv_cache; "
                                  "pass token ids for those")
             texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
-            input_ids, mask = self._encode_batch(texts, prepend_bos, padding_side)
+            input_ids, mask = self.tokenize_batch(texts, prepend_bos, padding_side)
             input_ids = input_ids.to(self.device)
             if not bool(mask.all()):
                 attention_mask = mask.to(self.device)
@@ -374,7 +374,7 @@ class TLModelMixin(TLTokensMixin):
                                              and all(isinstance(t, str) for t in input))
         if is_text:
             texts = [input] if isinstance(input, str) else list(input)
-            ids, mask = self._encode_batch(texts, prepend_bos, "left")
+            ids, mask = self.tokenize_batch(texts, prepend_bos, "left")
             kwargs.setdefault("attention_mask", mask.to(self.device) if not bool(mask.all()) else None)
             input = ids.to(self.device)
         elif isinstance(input, torch.Tensor) and input.dim() == 1:

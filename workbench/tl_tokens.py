@@ -48,7 +48,7 @@ class TLTokensMixin:
                              "model.tokenizer = Tokenizer.from_pretrained(path)")
         return tok
 
-    def _encode_batch(self, texts: list, prepend_bos: Optional[bool], padding_side: Optional[str]):
+    def tokenize_batch(self, texts: list, prepend_bos: Optional[bool], padding_side: Optional[str]):
         """Token ids [batch pos] and attention mask of ``texts``, padded on ``padding_side``."""
         tok = self._need_tokenizer("tokenizing a string")
         bos = self.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
@@ -80,7 +80,7 @@ class TLTokensMixin:
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("to_tokens: expected a str or a non-empty list of str")
-        ids, _ = self._encode_batch(texts, prepend_bos, padding_side)
+        ids, _ = self.tokenize_batch(texts, prepend_bos, padding_side)
         if truncate:
             ids = ids[:, : self.cfg.n_ctx]
         return ids.to(self.device) if move_to_device else ids
