@@ -61,8 +61,8 @@ class FactoredMatrix:
             return (self @ other.A) @ other.B
         if not isinstance(other, torch.Tensor):
             return NotImplemented
-        if other.dim() == 1:                                      # a vector: [... ldim]
-            return self.A @ (self.B @ other)
+        if other.dim() == 1:                                      # a vector [rdim] -> [... ldim]
+            return (self.A @ (self.B @ other[:, None]))[..., 0]
         if other.shape[-2] < self.mdim:                           # keep the narrower inner dim
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
@@ -70,8 +70,8 @@ class FactoredMatrix:
     def __rmatmul__(self, other: torch.Tensor):
         if not isinstance(other, torch.Tensor):
             return NotImplemented
-        if other.dim() == 1:
-            return (other @ self.A) @ self.B
+        if other.dim() == 1:                                      # a vector [ldim] -> [... rdim]
+            return ((other[None, :] @ self.A) @ self.B)[..., 0, :]
         if other.shape[-1] < self.mdim:
             return FactoredMatrix(other @ self.A, self.B)
         return FactoredMatrix(other, self.AB)

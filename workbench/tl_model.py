@@ -233,10 +233,6 @@ class TLModelMixin(TLTokensMixin):
         return self.embed.weight.new_zeros(self.cfg.vocab_size)          # [vocab] zeros: no unembedding bias
 
     @property
-    def W_pos(self) -> torch.Tensor:
-        raise AttributeError("W_pos: Command-R has rotary positions, no learned positional embedding")
-
-    @property
     def QK(self) -> FactoredMatrix:
         """[layer head d_model d_model] = W_Q @ W_K^T (no rotary, no QK-norm)."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
