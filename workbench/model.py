@@ -275,6 +275,19 @@ class Block(nn.Module):
         return self.hook_resid_post(x + attn_out + mlp_out)
 
 
+class Unembed(nn.Linear):
+    """Tied unembedding: ``model.unembed(ln_final(x))`` is the logits, ``logit_scale`` included (as TL code
+    expects); the forward takes ``scaled=False`` and scales after ``hook_logits_unscaled``."""
+
+    def __init__(self, d_model: int, vocab_size: int, logit_scale: float) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        logits = super().forward(x)                # [batch pos vocab]
+        return logits * self.logit_scale if scaled else logits
+
+
 class Masks:
     """Additive attention masks for one forward, built once per (window, key length).
 
@@ -337,7 +350,7 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         self.hook_embed = HookPoint()              # [batch pos d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.vocab_size, cfg.logit_scale)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         self.hook_logits_unscaled = HookPoint()    # [batch pos vocab] before x logit_scale
@@ -364,11 +377,9 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         by the model); ``return_type`` "logits" | "loss" | "both" | None, ``loss_per_token``;
         ``stop_at_layer=l`` returns the residual stream entering block l (``blocks.l.hook_resid_pre``).
         """
-        # --- TransformerLens arguments -> tensors (tl_model.TLModelMixin.prepare_forward)
         call = self.prepare_forward(input_ids, attention_mask, position_ids, kv_cache, logits_to_keep, return_type,
                                     loss_per_token, prepend_bos, padding_side, stop_at_layer)
-        input_ids, attention_mask, position_ids = call.input_ids, call.attention_mask, call.position_ids
-        # ---
+        input_ids, attention_mask, position_ids = call.input_ids, call.attention_mask, call.position_ids  # TL args
         past_len = kv_cache.seen if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, past_len)
         n_new = input_ids.shape[1]
@@ -390,7 +401,7 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         x = self.ln_final(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.hook_logits_unscaled(self.unembed(x))
+        logits = self.hook_logits_unscaled(self.unembed(x, scaled=False))
         logits = self.hook_logits(logits * self.cfg.logit_scale)
         return self.finish_forward(call, logits)   # TL's return_type (tl_model.TLModelMixin.finish_forward)
 
