@@ -69,7 +69,8 @@ print("sum", attribution.sum().item(), "= logit difference", (logits[0, -1, pari
 
 # %%
 resid = model(prompt, stop_at_layer=2)
-print("stop_at_layer=2 is resid_pre 2:", torch.allclose(resid, cache["resid_pre", 2]))
+_, resid_cache = model.run_with_cache(prompt, names_filter=lambda n: "resid" in n)   # same (fused) attention path
+print("stop_at_layer=2 is resid_pre 2, bit for bit:", torch.equal(resid, resid_cache["resid_pre", 2]))
 _, single = model.run_with_cache(prompt, remove_batch_dim=True)
 print("pattern without batch:", tuple(single["pattern", 0].shape))
 OV = model.OV[1]                                       # [head d_model d_model], rank d_head
@@ -126,7 +127,8 @@ if SMALL and sae.cfg.d_in == cfg.d_model:
         rows.append((model.to_str_tokens(text), c[name][0]))                # [pos d_sae]
     peak = torch.stack([acts[1:].max(0).values for _, acts in rows]).max(0).values   # skip BOS
     for f in peak.topk(6).indices.tolist():
-        hits = sorted(((acts[p, f].item(), toks, p) for toks, acts in rows for p in range(1, len(toks))), reverse=True)[:4]
+        hits = sorted(((acts[p, f].item(), toks, p) for toks, acts in rows for p in range(1, len(toks))
+                       if acts[p, f] > 0), reverse=True)[:4]
         print(f"feature {f:3d}:", "  ".join(f"{''.join(t[max(1, p - 3):p])}[{t[p]}] {a:.1f}" for a, t, p in hits))
 
 # %% [markdown]
