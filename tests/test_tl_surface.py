@@ -317,7 +317,7 @@ def test_transformer_lens_patching_equals_patch_sweep(model):
     theirs = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
     assert theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-5)
     assert torch.allclose(ours[0, 4], metric(model(clean)), atol=1e-4)          # layer 0, the country: full recovery
-    clean, corrupt = model.to_tokens("France is"), model.to_tokens("Italy is")     # fewer cells: [layer pos head]
+    clean, corrupt = model.to_tokens("of France is"), model.to_tokens("of Italy is")     # fewer cells: [layer pos head]
     _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
     ours_z = patch_sweep(model, corrupt, clean_cache, metric, kind="z", positions="all")
     theirs_z = patching.get_act_patch_attn_head_out_by_pos(model, corrupt, clean_cache, metric)
@@ -335,3 +335,26 @@ def test_transformer_lens_utils_work_on_our_model(model, tokens):
         utils.test_prompt(PROMPT, "Paris", model)
     assert "Tokenized prompt: ['<BOS_TOKEN>', 'The', ' capital', ' of', ' France', ' is']" in out.getvalue()
     assert "(' Paris', 0)" in out.getvalue()                   # the tiny model answers Paris
+
+
+def test_apply_ln_to_stack_takes_tl_shapes_and_embed_unembed_views(model, tokens):
+    logits, cache = model.run_with_cache(tokens)
+    paris, rome = model.to_single_token(" Paris"), model.to_single_token(" Rome")
+    direction = model.tokens_to_residual_directions(paris) - model.tokens_to_residual_directions(rome)
+    final = cache.apply_ln_to_stack(cache["resid_post", -1][:, -1], layer=-1, pos_slice=-1)    # no component axis
+    assert torch.allclose(final @ direction, logits[:, -1, paris] - logits[:, -1, rome], atol=1e-4)
+    heads = rearrange(cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=False),
+                      "(l h) ... -> l h ...", l=model.cfg.n_layers)                          # [layer head batch d_model]
+    scaled = cache.apply_ln_to_stack(heads, layer=-1, pos_slice=-1)
+    flat = cache.apply_ln_to_stack(heads.flatten(0, 1), layer=-1, pos_slice=-1)
+    assert scaled.shape == heads.shape and torch.equal(scaled.flatten(0, 1), flat)
+    with pytest.raises(ValueError, match="pos_slice"):
+        cache.apply_ln_to_stack(heads, layer=-1)
+    normed = cache["ln_final.hook_normalized"]
+    assert torch.allclose(model.unembed(normed), logits, atol=1e-5)                # TL: unembed gives logits
+    assert torch.equal(model.unembed.W_U, model.W_U) and torch.equal(model.embed.W_E, model.W_E)
+    OV = model.OV[1, 0]
+    full = model.embed.W_E @ OV @ model.unembed.W_U                                    # TL's full OV circuit
+    assert isinstance(full, FactoredMatrix) and full.mdim == model.cfg.d_head
+    rows = torch.tensor([3, 9])
+    assert torch.allclose(full.A[rows] @ full.B[:, :5], (model.W_E[rows] @ OV.AB @ model.W_U[:, :5]), atol=1e-4)

@@ -37,7 +37,7 @@ from torch import nn
 from .config import CommandRConfig
 from .hook_points import HookedRootModule, HookPoint
 from .sae_splice import SAEHostMixin
-from .tl_model import TLAttentionMixin, TLMLPMixin, TLModelMixin
+from .tl_model import Embed, TLAttentionMixin, TLMLPMixin, TLModelMixin, Unembed
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -275,19 +275,6 @@ class Block(nn.Module):
         return self.hook_resid_post(x + attn_out + mlp_out)
 
 
-class Unembed(nn.Linear):
-    """Tied unembedding: ``model.unembed(ln_final(x))`` is the logits, ``logit_scale`` included (as TL code
-    expects); the forward takes ``scaled=False`` and scales after ``hook_logits_unscaled``."""
-
-    def __init__(self, d_model: int, vocab_size: int, logit_scale: float) -> None:
-        super().__init__(d_model, vocab_size, bias=False)
-        self.logit_scale = logit_scale
-
-    def forward(self, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
-        logits = super().forward(x)                # [batch pos vocab]
-        return logits * self.logit_scale if scaled else logits
-
-
 class Masks:
     """Additive attention masks for one forward, built once per (window, key length).
 
@@ -346,7 +333,7 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
     def __init__(self, cfg: CommandRConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model)
         self.hook_embed = HookPoint()              # [batch pos d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)

@@ -55,17 +55,34 @@ def _tl_view(method, incl_mid_ok: bool, stack_input: bool):
         if "tokens" in kwargs or (method.__name__ == "logit_attrs" and len(args) > 1):
             args, kwargs = self._token_ids(args, kwargs)
         batchless = not self.has_batch_dim if has_batch_dim is None else not has_batch_dim
+        target = self.with_batch_dim() if batchless else self
+        if stack_input:
+            return _call_on_stack(method, target, batchless, args, kwargs)
         if not batchless:
             return method(self, *args, **kwargs)
-        twin = self.with_batch_dim()
-        if stack_input:
-            if args:
-                args = (args[0].unsqueeze(1),) + tuple(args[1:])
-            else:
-                kwargs["residual_stack"] = kwargs["residual_stack"].unsqueeze(1)
-        out = method(twin, *args, **kwargs)
-        return _squeeze_result(out, 0 if method.__name__ == "head_results" else 1)
+        return _squeeze_result(method(target, *args, **kwargs), 0 if method.__name__ == "head_results" else 1)
     return wrapper
+
+
+def _call_on_stack(method, cache, batchless: bool, args, kwargs):
+    """``apply_ln_to_stack`` / ``logit_attrs`` on a stack with any leading component axes (TL allows
+    ``[layer head batch d_model]`` or no component axis at all) and, batchless, no batch axis."""
+    stack = args[0] if args else kwargs.pop("residual_stack")
+    rest = tuple(args[1:])
+    layer = rest[0] if rest and method.__name__ == "apply_ln_to_stack" else kwargs.get("layer")
+    final = method.__name__ == "logit_attrs" or layer in (None, -1, cache.n_layers)
+    scale = cache.cache_dict.get("ln_final.hook_scale" if final else get_act_name("scale", layer, "ln1"))
+    if scale is None:                                             # the method raises its own clear error
+        return method(cache, stack, *rest, **kwargs)
+    axes = tuple(_slice_pos(scale, kwargs.get("pos_slice"), True).shape[:-1])   # batch (pos)
+    axes_in = axes[1:] if batchless else axes
+    k = len(axes_in)
+    if stack.dim() < k + 1 or tuple(stack.shape[stack.dim() - k - 1:-1]) != axes_in:
+        raise ValueError(f"{method.__name__}: residual_stack {tuple(stack.shape)} does not end in the cached "
+                         f"scale's axes {axes_in} + d_model; pass the pos_slice used to build it")
+    lead = tuple(stack.shape[:stack.dim() - k - 1])
+    out = method(cache, stack.reshape((-1,) + axes + stack.shape[-1:]), *rest, **kwargs)
+    return out.reshape(lead + axes_in + tuple(out.shape[1 + len(axes):]))
 
 
 def _param(model, name: str) -> torch.Tensor:

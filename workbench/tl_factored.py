@@ -63,7 +63,7 @@ class FactoredMatrix:
             return NotImplemented
         if other.dim() == 1:                                      # a vector [rdim] -> [... ldim]
             return (self.A @ (self.B @ other[:, None]))[..., 0]
-        if other.shape[-2] < self.mdim:                           # keep the narrower inner dim
+        if self.rdim > self.mdim:                                 # keep the low-rank inner dim (TL's rule)
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
 
@@ -72,7 +72,7 @@ class FactoredMatrix:
             return NotImplemented
         if other.dim() == 1:                                      # a vector [ldim] -> [... rdim]
             return ((other[None, :] @ self.A) @ self.B)[..., 0, :]
-        if other.shape[-1] < self.mdim:
+        if self.ldim > self.mdim:
             return FactoredMatrix(other @ self.A, self.B)
         return FactoredMatrix(other, self.AB)
 

@@ -36,6 +36,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch import nn
 
 from .activation_cache import ActivationCache
 from .generation import generate as _generate_ids
@@ -114,6 +115,40 @@ class TLMLPMixin:
     @property
     def b_out(self) -> torch.Tensor:
         return self.down_proj.weight.new_zeros(self.down_proj.weight.shape[0])
+
+
+class Embed(nn.Embedding):
+    """The token embedding, with TL's ``model.embed.W_E`` view ``[vocab d_model]``."""
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        return self.weight
+
+
+class Unembed(nn.Linear):
+    """Tied unembedding: ``model.unembed(ln_final(x))`` is the logits, ``logit_scale`` included (as TL code
+    expects); the model's forward takes ``scaled=False`` and scales after ``hook_logits_unscaled``.
+    ``W_U`` ``[d_model vocab]`` includes ``logit_scale`` too (``W_U_raw``: the stored weight)."""
+
+    def __init__(self, d_model: int, vocab_size: int, logit_scale: float) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        logits = super().forward(x)                # [batch pos vocab]
+        return logits * self.logit_scale if scaled else logits
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self.weight.T * self.logit_scale
+
+    @property
+    def W_U_raw(self) -> torch.Tensor:
+        return self.weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        return self.weight.new_zeros(self.weight.shape[0])
 
 
 @dataclass
