@@ -350,7 +350,7 @@ def _settings(model, **given) -> dict:
 def _warn_unused_sampling(given: dict) -> None:
     """transformers' warning for sampling settings passed explicitly while ``do_sample`` is off."""
     for name in ("temperature", "top_p", "top_k"):
-        value = given[name]
+        value = given.get(name, _DEFAULTS[name])
         if not isinstance(value, _Unset) and value is not None and value != _DEFAULTS[name]:
             warnings.warn(f"`do_sample` is set to `False`. However, `{name}` is set to `{value}` -- this flag is only "
                           f"used in sample-based generation modes. You should set `do_sample=True` or unset `{name}`. "

@@ -85,6 +85,12 @@ def _call_on_stack(method, cache, batchless: bool, args, kwargs):
     return out.reshape(lead + axes_in + tuple(out.shape[1 + len(axes):]))
 
 
+def _model_of(cache, what: str):
+    if cache.model is None:
+        raise ValueError(f"{what} needs the model; this cache has none (ActivationCache.load(path, model=model))")
+    return cache.model
+
+
 def _param(model, name: str) -> torch.Tensor:
     p = model.get_parameter(name)
     if p.device.type == "meta":
@@ -152,7 +158,7 @@ class TLCacheMixin:
         """TL allows answer tokens given as strings; turn them into ids with the model's tokenizer."""
         def ids(t):
             if isinstance(t, str):
-                return self._need_model("string tokens").to_single_token(t)
+                return _model_of(self, "string tokens").to_single_token(t)
             if isinstance(t, (list, tuple)) and t and all(isinstance(s, str) for s in t):
                 return [ids(s) for s in t]
             return t
@@ -181,7 +187,7 @@ class TLCacheMixin:
 
     def get_neuron_results(self, layer: int, neuron_slice=None, pos_slice=None) -> torch.Tensor:
         """Each MLP neuron's write to the residual: ``post[..., n] * W_out[n]`` ``[batch pos d_mlp d_model]``."""
-        model = self._need_model("get_neuron_results")
+        model = _model_of(self, "get_neuron_results")
         post = _slice_pos(self["post", layer], pos_slice, self.has_batch_dim)
         W_out = _param(model, f"blocks.{layer}.mlp.down_proj.weight").T.to(post.device)   # [d_mlp d_model]
         if neuron_slice is not None:
