@@ -229,6 +229,7 @@ def test_sampling_settings_without_do_sample_warn(model, tokens):
     ids = model.generate(tokens, max_new_tokens=3)
     assert isinstance(text, str) and text == model.to_string(ids[0])
     assert model.generate([PROMPT, "Hi"], max_new_tokens=3)[0] == text      # left padding stripped
+    assert model.generate(PROMPT, 3, use_past_kv_cache=False, verbose=False, stop_at_eos=False) == text
 
 
 def test_cache_transformer_lens_methods(model, tokens):

@@ -394,6 +394,10 @@ class TLModelMixin(TLTokensMixin):
         (``return_type`` "input" / "str" / "tokens"); ``stop_at_eos=False`` never stops at EOS;
         ``verbose`` shows progress. Strings are left-padded and masked. Sampling follows transformers:
         greedy unless ``do_sample=True`` (sampling settings without it warn)."""
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool):   # TL: generate(text, 20)
+            kwargs["max_new_tokens"], args = args[0], args[1:]
+        if kwargs.pop("freq_penalty", 0.0):
+            raise NotImplementedError("freq_penalty: not supported; use repetition_penalty (transformers' semantics)")
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type: expected 'input', 'str' or 'tokens', got {return_type!r}")
         if not stop_at_eos:
