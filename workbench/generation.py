@@ -32,13 +32,13 @@ import numbers
 
 import inspect
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .hook_points import StopForward
+from .input_warnings import warn_unused_sampling
 from .kv_cache import KVCache
 
 
@@ -343,18 +343,8 @@ def _settings(model, **given) -> dict:
         _check_settings(s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"])
     else:  # sampling-only settings are unused when greedy (transformers ignores e.g. temperature=0 too)
         _check_settings(1.0, None, None, s["repetition_penalty"])
-        _warn_unused_sampling(given)   # tlsurface: say so, as transformers does
+        warn_unused_sampling({k: v for k, v in given.items() if not isinstance(v, _Unset)})  # as transformers
     return s
-
-
-def _warn_unused_sampling(given: dict) -> None:
-    """transformers' warning for sampling settings passed explicitly while ``do_sample`` is off."""
-    for name in ("temperature", "top_p", "top_k"):
-        value = given.get(name, _DEFAULTS[name])
-        if not isinstance(value, _Unset) and value is not None and value != _DEFAULTS[name]:
-            warnings.warn(f"`do_sample` is set to `False`. However, `{name}` is set to `{value}` -- this flag is only "
-                          f"used in sample-based generation modes. You should set `do_sample=True` or unset `{name}`. "
-                          "(Generation is greedy.)", UserWarning, stacklevel=4)
 
 
 def _resolve_max_new(model, value, n_prompt: int):

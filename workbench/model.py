@@ -392,10 +392,8 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         ``generate`` uses 1: same logits bit for bit, no [pos vocab] tensor for a long prompt);
         ``ln_final`` hooks still see every position, ``hook_logits*`` only the kept ones.
 
-        TransformerLens' arguments (``workbench.tl_model``): ``input_ids`` may be a string or a list of
-        strings (tokenized with BOS unless ``prepend_bos=False``, padded on ``padding_side`` and masked
-        by the model); ``return_type`` "logits" | "loss" | "both" | None, ``loss_per_token``;
-        ``stop_at_layer=l`` returns the residual stream entering block l (``blocks.l.hook_resid_pre``).
+        TransformerLens' arguments (strings in, ``return_type``, ``loss_per_token``, ``prepend_bos``,
+        ``padding_side``, ``stop_at_layer``) are documented in ``workbench.tl_model``.
         """
         call = self.prepare_forward(input_ids, attention_mask, position_ids, kv_cache, logits_to_keep, return_type,
                                     loss_per_token, prepend_bos, padding_side, stop_at_layer)
@@ -410,12 +408,10 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
         explicit = self.attn_impl == "explicit"
-        for i, block in enumerate(self.blocks):
-            if i == call.stop_at_layer:          # TL's stop_at_layer: the residual entering block i
-                return x
+        for block in self.blocks[:call.stop_at_layer]:      # all blocks unless TL's stop_at_layer
             x = block(x, rope, masks, kv_cache, explicit)
-        if call.stop_at_layer == len(self.blocks):
-            return x
+        if call.stop_at_layer is not None:
+            return x                                        # the residual entering block stop_at_layer
         if kv_cache is not None:
             kv_cache.advance(n_new)
         x = self.ln_final(x)
@@ -467,21 +463,6 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         from .offload import execution_device
 
         return execution_device(self)
-
-    @property
-    def W_E(self) -> torch.Tensor:
-        return self.embed.weight                   # [vocab d_model]
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        """[d_model vocab] INCLUDING logit_scale: ``ln_final(resid) @ W_U`` is the model's logits
-        (TransformerLens' arithmetic). The stored (tied) weight is ``W_U_raw``."""
-        return self.unembed.weight.T * self.cfg.logit_scale
-
-    @property
-    def W_U_raw(self) -> torch.Tensor:
-        """[d_model vocab] the unembedding weight as stored (tied to W_E), without logit_scale."""
-        return self.unembed.weight.T
 
     def hook_table(self, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
         """Every hook name with its shape and dtype for a [batch, pos] input, without running."""

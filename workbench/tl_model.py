@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -41,6 +40,7 @@ from torch import nn
 from .activation_cache import ActivationCache
 from .generation import generate as _generate_ids
 from .hook_points import HookPoint
+from .input_warnings import warn_if_padded
 from .tl_factored import FactoredMatrix
 from .tl_names import get_act_name
 from .tl_tokens import TLTokensMixin
@@ -207,18 +207,10 @@ class TLModelMixin(TLTokensMixin):
                 input_ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
             if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
                 input_ids = input_ids[None]
-            self._warn_if_padded(input_ids, attention_mask, kv_cache)
+            if kv_cache is None and isinstance(input_ids, torch.Tensor):
+                warn_if_padded(input_ids, attention_mask, self.cfg.pad_token_id, stacklevel=5)
         self.cfg.device = self.device
         return ForwardCall(input_ids, attention_mask, position_ids, return_type, bool(loss_per_token), stop_at_layer)
-
-    def _warn_if_padded(self, input_ids, attention_mask, kv_cache) -> None:
-        pad = self.cfg.pad_token_id
-        if (attention_mask is None and kv_cache is None and pad is not None and isinstance(input_ids, torch.Tensor)
-                and input_ids.dim() == 2 and input_ids.shape[1] > 1 and bool((input_ids[:, 0] == pad).any())):
-            warnings.warn("We strongly recommend passing in an `attention_mask` since your input_ids may be padded: "
-                          f"a row starts with the pad token id {pad}, and without a mask pad tokens are attended to "
-                          "like real ones. (String inputs are padded and masked by the model itself.)", UserWarning,
-                          stacklevel=4)
 
     def finish_forward(self, call: ForwardCall, logits: torch.Tensor):
         """The forward's return value for ``call.return_type`` (called last in forward)."""
@@ -262,6 +254,21 @@ class TLModelMixin(TLTokensMixin):
     W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out), doc="[layer d_mlp d_model] (down_proj)")
     b_in = property(lambda self: self._stack(lambda b: b.mlp.b_in), doc="[layer d_mlp] zeros")
     b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out), doc="[layer d_model] zeros")
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        return self.embed.weight                   # [vocab d_model]
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """[d_model vocab] INCLUDING logit_scale: ``ln_final(resid) @ W_U`` is the model's logits
+        (TransformerLens' arithmetic). The stored (tied) weight is ``W_U_raw``."""
+        return self.unembed.weight.T * self.cfg.logit_scale
+
+    @property
+    def W_U_raw(self) -> torch.Tensor:
+        """[d_model vocab] the unembedding weight as stored (tied to W_E), without logit_scale."""
+        return self.unembed.weight.T
 
     @property
     def b_U(self) -> torch.Tensor:
