@@ -14,10 +14,10 @@ Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``stack_hea
 from .attribution import LogitAttribution, direct_logit_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
-from .logit_lens import LogitLens, lens_logits, logit_lens
+from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 
 __all__ = [
     "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
-    "repeated_random_tokens",
+    "lens_logits", "lens_resid_names", "lens_top", "logit_lens", "pattern_scores", "previous_occurrence",
+    "previous_token_scores", "repeated_random_tokens",
 ]
