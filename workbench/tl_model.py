@@ -342,13 +342,14 @@ class TLModelMixin(TLTokensMixin):
                        clear_contexts: bool = False, pos_slice=None, **model_kwargs):
         """TL's ``run_with_cache``: ``remove_batch_dim`` (batch of 1 only), ``return_cache_object=False``
         gives a plain dict, ``incl_bwd`` runs ``backward()`` on the (scalar) output and caches gradients
-        as ``"<name>_grad"``, ``pos_slice`` keeps those positions of every cached activation."""
+        as ``"<name>_grad"``; ``pos_slice`` is refused (not supported)."""
+        if pos_slice is not None:
+            raise NotImplementedError("run_with_cache(pos_slice=...): not supported; slice the cached tensors, or pass "
+                                      "pos_slice to the cache's residual-stream methods")
         if incl_bwd:
             out, cache = self._run_with_cache_bwd(model_args, names_filter, device, model_kwargs)
         else:
             out, cache = super().run_with_cache(*model_args, names_filter=names_filter, device=device, **model_kwargs)
-        if pos_slice is not None:
-            cache = cache.apply_slice_to_batch_or_pos(pos_slice)
         if remove_batch_dim:
             cache.remove_batch_dim()
         return out, (cache if return_cache_object else dict(cache.items()))
