@@ -35,6 +35,8 @@ from .cache_files import FILE_FORMAT, FILE_FORMAT_VERSION, CacheMismatchError, r
 from .hook_names import HookNameError, act_name
 from .weights import model_weight
 
+from .tl_cache import TLCacheMixin
+
 NamesFilter = Union[None, str, list, tuple, set, Callable[[str], bool]]
 
 __all__ = ["ActivationCache", "CacheMismatchError", "Deferred", "FILE_FORMAT", "FILE_FORMAT_VERSION", "NamesFilter",
@@ -99,7 +101,7 @@ class _CacheDict(dict):
         return [(k, self[k]) for k in self]
 
 
-class ActivationCache:
+class ActivationCache(TLCacheMixin):
     """A read-only mapping of hook name -> activation tensor from one forward.
 
     ``metadata`` may hold ``tokens`` (the prompt, LongTensor [batch pos]) and ``fingerprint`` (the

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from .tl_config import TLConfigMixin
+
 SUPPORTED_MODEL_TYPES = ("cohere", "cohere2")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -53,7 +55,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class CommandRConfig:
+class CommandRConfig(TLConfigMixin):
     """Hyperparameters of a Command-R family model, in TransformerLens-style names.
 
     ``layer_types`` holds, per layer, ``"full_attention"`` or ``"sliding_attention"`` (cohere2);

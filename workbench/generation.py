@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .hook_points import StopForward, generation_step
+from .input_warnings import warn_unused_sampling
 from .kv_cache import KVCache
 from .sampling import check_settings, process_logits, process_scores, sample
 
@@ -160,6 +161,7 @@ def resolve_settings(model, n_prompt: int, max_new_tokens=_UnsetInt(20), eos_tok
         check_settings(s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"])
     else:  # sampling-only settings are unused when greedy (transformers ignores e.g. temperature=0 too)
         check_settings(1.0, None, None, s["repetition_penalty"])
+        warn_unused_sampling({k: v for k, v in sampling.items() if not isinstance(v, _Unset)})  # as transformers
     eos = _first_set(eos_token_id, get("eos_token_id", None), model.cfg.eos_token_id)
     eos = None if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos]) or None
     pad = _first_set(pad_token_id, get("pad_token_id", None), model.cfg.pad_token_id)

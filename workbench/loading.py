@@ -377,6 +377,7 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
     off.dispatch(model, device_map, offload, offload_buffers)
     model.generation_config = generation_config
     model.name_or_path = path
+    model.cfg.device, model.cfg.dtype = model.device, target     # tlsurface: TL's cfg.device / cfg.dtype
     return model.eval()
 
 

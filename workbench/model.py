@@ -36,7 +36,6 @@ from torch import nn
 
 from .config import CommandRConfig
 from .deferred_results import DEFERRED_HOOKS
-from .generation import generate as generate_tokens
 from .hook_points import HookedRootModule, HookPoint, begin_forward
 from .hook_table import hook_table as build_hook_table
 from .loading import init_random, load_pretrained
@@ -44,6 +43,8 @@ from .norms import layer_norm_fp32
 from .offload import execution_device
 from .saving import save_pretrained as save_checkpoint
 from .weights import dense_weight, heads_of_o_proj
+from .sae_splice import SAEHostMixin
+from .tl_model import Embed, TLAttentionMixin, TLMLPMixin, TLModelMixin, Unembed
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -106,7 +107,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return ((x * cos) + (swapped * signed_sin)).to(dtype)
 
 
-class Attention(nn.Module):
+class Attention(TLAttentionMixin, nn.Module):
     """Named stages: q/k/v -> q_normed/k_normed -> rot_q/rot_k -> attn_scores -> pattern -> z -> result."""
 
     def __init__(self, cfg: CommandRConfig, layer: int) -> None:
@@ -250,7 +251,7 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kh, group, t, d).reshape(b, kh * group, t, d)
 
 
-class MLP(nn.Module):
+class MLP(TLMLPMixin, nn.Module):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
 
     def __init__(self, cfg: CommandRConfig) -> None:
@@ -337,7 +338,7 @@ class Masks:
         return self._cache[key]
 
 
-class HookedCommandR(HookedRootModule):
+class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
     """Command-R with a named hook at every stage.
 
     Example::
@@ -352,11 +353,11 @@ class HookedCommandR(HookedRootModule):
     def __init__(self, cfg: CommandRConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model)
         self.hook_embed = HookPoint()              # [batch pos d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.vocab_size, cfg.logit_scale)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         self.hook_logits_unscaled = HookPoint()    # [batch pos vocab] before x logit_scale
@@ -366,7 +367,9 @@ class HookedCommandR(HookedRootModule):
 
     # ------------------------------------------------------------------ computation
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0, *,
+                return_type: Optional[str] = "logits", loss_per_token: bool = False, prepend_bos: Optional[bool] = None,
+                padding_side: Optional[str] = None, stop_at_layer: Optional[int] = None):
         """input_ids [batch pos] -> logits [batch pos vocab].
 
         ``attention_mask`` [batch past+pos] (1 = real token) masks keys; ``position_ids`` default to
@@ -375,7 +378,13 @@ class HookedCommandR(HookedRootModule):
         ``logits_to_keep`` > 0 unembeds only the last that many positions, as transformers (its
         ``generate`` uses 1: same logits bit for bit, no [pos vocab] tensor for a long prompt);
         ``ln_final`` hooks still see every position, ``hook_logits*`` only the kept ones.
+
+        TransformerLens' arguments (strings in, ``return_type``, ``loss_per_token``, ``prepend_bos``,
+        ``padding_side``, ``stop_at_layer``) are documented in ``workbench.tl_model``.
         """
+        call = self.prepare_forward(input_ids, attention_mask, position_ids, kv_cache, logits_to_keep, return_type,
+                                    loss_per_token, prepend_bos, padding_side, stop_at_layer)
+        input_ids, attention_mask, position_ids = call.input_ids, call.attention_mask, call.position_ids  # TL args
         past_len = kv_cache.seen if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, past_len)
         n_new = input_ids.shape[1]
@@ -386,15 +395,18 @@ class HookedCommandR(HookedRootModule):
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
         explicit = self.attn_impl == "explicit"
-        for block in self.blocks:
+        for block in self.blocks[:call.stop_at_layer]:      # all blocks unless TL's stop_at_layer
             x = block(x, rope, masks, kv_cache, explicit)
+        if call.stop_at_layer is not None:
+            return x                                        # the residual entering block stop_at_layer
         if kv_cache is not None:
             kv_cache.advance(n_new)
         x = self.ln_final(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.hook_logits_unscaled(self.unembed(x))
-        return self.hook_logits(logits * self.cfg.logit_scale)
+        logits = self.hook_logits_unscaled(self.unembed(x, scaled=False))
+        logits = self.hook_logits(logits * self.cfg.logit_scale)
+        return self.finish_forward(call, logits)   # TL's return_type (tl_model.TLModelMixin.finish_forward)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, past_len: int) -> None:
         """Refuse bad inputs before anything runs (no hook fires, the cache is untouched)."""
@@ -437,14 +449,6 @@ class HookedCommandR(HookedRootModule):
         """Where inputs go: the embedding's (execution) device, also under accelerate offload."""
         return execution_device(self)
 
-    @property
-    def W_E(self) -> torch.Tensor:
-        return self.embed.weight                   # [vocab d_model]
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        return self.unembed.weight.T               # [d_model vocab]
-
     def hook_table(self, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
         """Every hook name with its shape and dtype for a [batch, pos] input, without running."""
         return build_hook_table(self, batch, pos, k_pos)
@@ -463,7 +467,8 @@ class HookedCommandR(HookedRootModule):
         save_checkpoint(self, path, **kwargs)
 
     def generate(self, input_ids, *args, **kwargs) -> torch.Tensor:
-        return generate_tokens(self, input_ids, *args, **kwargs)
+        """``workbench.generation.generate``; also takes strings (text out) and TL's arguments (tl_model)."""
+        return self.generate_tl(input_ids, *args, **kwargs)
 
 
 def _on_meta(cls, cfg):

@@ -109,14 +109,15 @@ finally:
 
 # %% [markdown]
 # Command-R predicts the next token from the last position; the cache also gives the LayerNorm's scale and
-# the final residual, so the logits can be rebuilt by hand: `ln_final`, the tied unembedding, `logit_scale`.
+# the final residual, so the logits can be rebuilt by hand: `ln_final`, then `model.W_U`, which includes
+# `logit_scale` (as TransformerLens arithmetic expects; the stored tied weight is `model.W_U_raw`).
 
 # %%
 from workbench.model import layer_norm_fp32
 
 resid = cache["resid_post", -1][0, -1]                                  # [d_model]
 normed = layer_norm_fp32(resid, model.ln_final.weight, cfg.layer_norm_eps)
-by_hand = (normed @ model.W_U) * cfg.logit_scale                        # W_U is W_E transposed (tied)
+by_hand = normed @ model.W_U                        # W_U = W_E.T * logit_scale (W_U_raw = W_E.T, tied)
 print("rebuilt logits equal:", torch.allclose(by_hand.float(), logits[0, -1].float(), atol=1e-4))
 top = logits[0, -1].float().softmax(-1).topk(5)
 print("next token:", [(tok.decode([i]), round(p, 3)) for i, p in zip(top.indices.tolist(), top.values.tolist())])
