@@ -6,10 +6,10 @@ Two models:
   the same 20 again without the last (40 positions); corrupted: the token induction copies replaced;
   metric: logit difference of the right next token vs the corrupting one;
 * "mid": the random "mid" Command-R every bench uses (bench/_checkpoint.py: d_model 1024, 8 layers,
-  16 heads, 4 kv heads, d_mlp 2816, vocab 32000), a ``--mid-pos``-token random prompt with one token
-  changed. Its exact ``[layer pos head]`` sweep would take hours here, so its exact time is the
-  measured time per cell over ``--mid-cells`` cells (unbatched and batched, spread over the grid)
-  times the number of cells — said so in the table.
+  16 heads, 4 kv heads, d_mlp 2816, vocab 32000), a ``--mid-pos``-token random prompt with its middle
+  token changed. Its exact ``[layer pos head]`` sweep would take hours here, so its exact time is the
+  measured time per cell over ``--mid-cells`` cells (every head of the last layer at positions spread
+  over the prompt; unbatched and batched) times the number of cells — said so in the output.
 
 Contenders (interleaved round-robin, min / median wall time):
 
@@ -137,9 +137,10 @@ def bench_mid(args, rows, notes, path):
     cache = z_cache(model, clean)
     L, H, P = model.cfg.n_layers, model.cfg.n_heads, clean.shape[1]
     n_cells = L * P * H
-    # a sample of cells spread over the grid: every layer, positions from the changed one on
-    positions = sorted({int(p) for p in torch.linspace(P // 2, P - 1, max(1, args.mid_cells // (L * H) or 1))})
-    layers = list(range(L)) if args.mid_cells >= L * H else [L - 1]
+    # a sample of cells: every head of the last layer at positions spread over the prompt (an unbatched
+    # cell costs one forward wherever it is; a batched one costs less the later its position)
+    positions = sorted({int(p) for p in torch.linspace(0, P - 1, max(1, args.mid_cells // H))})
+    layers = [L - 1]
     sample = len(layers) * len(positions) * H
 
     def exact(batch_size):
@@ -156,7 +157,7 @@ def bench_mid(args, rows, notes, path):
         rows.append(["mid", f"exact sample ({sample} cells), batch {b}", sample, s.ms(), f"{s.cpu_min * 1e3:.0f}"])
         full = s.min / sample * n_cells
         notes.append(f"mid: exact [layer pos head] batch {b} ≈ {full:.0f} s ({n_cells} cells, extrapolated "
-                     f"from {sample}; cells past the changed position) / AtP = {full / atp.min:.0f}x")
+                     f"from {sample} at positions {positions}) / AtP = {full / atp.min:.0f}x")
     one, many = t["exact sample, batch 1"], t["exact sample, batch 16"]
     notes.append(f"mid: exact sample batch 1 / batch 16 = {one.min / many.min:.2f}x (min), "
                  f"{paired_ratio(one, many):.2f}x (paired)")
