@@ -243,7 +243,8 @@ def patch_cells(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
         chunk = order[start:start + batch_size]
         copies = len(chunk)
         p0 = min((cells[c][1] if cells[c][1] is not None else 0) for c in chunk) if prefix else 0
-        kwargs = {k: v.repeat(copies, 1) if k == "attention_mask" else v for k, v in forward_kwargs.items()}
+        kwargs = {k: v.repeat(copies, 1) if k == "attention_mask" or (k == "position_ids" and v.shape[0] > 1) else v
+                  for k, v in forward_kwargs.items()}
         if p0:
             kwargs["kv_cache"] = _prefilled_cache(model, keys, values, p0, copies)
         cell_pos = torch.tensor([-1 if cells[c][1] is None else cells[c][1] for c in chunk])

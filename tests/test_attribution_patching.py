@@ -227,6 +227,10 @@ def test_batched_sweep_with_attention_mask_equals_unbatched(small, small_pair):
     many = hooks.patch_sweep(small, corrupt, cache, metric, kind="z", positions="all", attention_mask=mask,
                              batch_size=7)
     torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-5)
+    pos_ids = torch.arange(7).repeat(2, 1)                               # per-row position ids: no KV prefix
+    per_row = hooks.patch_sweep(small, corrupt, cache, metric, kind="z", positions="all", attention_mask=mask,
+                                position_ids=pos_ids, batch_size=7)
+    torch.testing.assert_close(per_row, one, atol=1e-5, rtol=1e-5)
 
 
 def test_neuron_sweep_equals_patching_one_neuron_by_hand(small, small_pair):
@@ -298,6 +302,8 @@ def test_bad_input(small, small_pair):
         attribution_patching(small, clean, corrupt, metric, kind="resid_pre", heads=[0])
     with pytest.raises(ValueError, match="scalar"):
         attribution_patching(small, clean, corrupt, lambda logits: logits[:, -1, :3])
+    with pytest.raises(ValueError, match="no gradient"):
+        attribution_patching(small, clean, corrupt, lambda logits: float(hooks.logit_diff(logits, 5, 9)))
     with pytest.raises(ValueError, match="batch_size"):
         hooks.patch_sweep(small, corrupt, clean_cache_for(small, clean, "z"), metric, kind="z", batch_size=0)
     assert not any(hp.has_hooks for hp in small.hook_dict.values())

@@ -152,6 +152,13 @@ def _backward(model, output: torch.Tensor, inputs: list) -> tuple:
     return grads
 
 
+def _differentiable(value: torch.Tensor, logits, what: str) -> None:
+    if not value.requires_grad and isinstance(logits, torch.Tensor) and logits.requires_grad:
+        raise ValueError(f"attribution_patching: the metric's value on the {what} has no gradient with respect to "
+                         "the logits (a .item(), argmax or detach inside it?); use a differentiable metric such as "
+                         "hooks.logit_diff")
+
+
 def _positions_ids(forward_kwargs: dict, n: int, device) -> torch.Tensor:
     pos = forward_kwargs.get("position_ids")
     return torch.arange(n, device=device)[None] if pos is None else torch.as_tensor(pos).to(device)
@@ -190,6 +197,7 @@ def _atp(model, corrupted, clean_cache, metric, plan, forward_kwargs):
     with _frozen_parameters(model), torch.enable_grad():
         logits = model.run_with_hooks(corrupted, fwd_hooks=fwd, **forward_kwargs)
         value = _scalar(metric(logits), "corrupted run")
+        _differentiable(value, logits, "corrupted run")
         missing = [n for n in plan.hook_names if n not in acts]
         if missing:
             raise RuntimeError(f"attribution_patching: hooks {missing} did not fire in the corrupted run")
@@ -234,6 +242,7 @@ def _ig(model, corrupted, clean_cache, metric, plan, steps, batch_size, forward_
                 logits = model.run_with_hooks(corrupted.repeat(copies, 1), fwd_hooks=[(name, interpolate)], **kwargs)
                 total = sum(_scalar(metric(logits[r * batch:(r + 1) * batch]), f"IG step of {name}")
                             for r in range(copies))
+                _differentiable(total, logits, f"IG steps of {name}")
                 if "x" not in point:
                     raise RuntimeError(f"attribution_patching: hook {name!r} did not fire")
                 (grad,) = _backward(model, total, [point["x"]]) if total.requires_grad else (None,)
