@@ -25,6 +25,7 @@ Run::
 
     python bench/bench_attribution.py                    # both models
     python bench/bench_attribution.py --skip-mid --repeat 3
+    python bench/bench_attribution.py --skip-bundled --skip-mid      # AtP's memory only
     python bench/bench_attribution.py --tiny             # smoke test: seconds, numbers meaningless
 """
 
@@ -49,6 +50,7 @@ import torch  # noqa: E402
 import hooks  # noqa: E402
 from _checkpoint import build_checkpoint  # noqa: E402
 from _limits import machine_line, paired_ratio, print_table, timeit_interleaved  # noqa: E402
+from hooks.patch_batched import patch_cells, plan_sweep  # noqa: E402
 from workbench import HookedCommandR  # noqa: E402
 from workbench.analysis import attribution_patching, repeated_random_tokens  # noqa: E402
 
@@ -65,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=20, help="induction repeat length (bundled)")
     p.add_argument("--mid-pos", type=int, default=128)
     p.add_argument("--mid-cells", type=int, default=32, help="exact cells timed on mid (extrapolated)")
-    p.add_argument("--skip-mid", action="store_true")
+    p.add_argument("--skip-mid", action="store_true", help="no mid timings")
+    p.add_argument("--skip-bundled", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny random model instead of mid, short prompt")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -90,6 +93,14 @@ def random_task(vocab: int, pos: int):
     return clean, corrupt, lambda logits: hooks.logit_diff(logits, 11, 12)
 
 
+def plain_batches(model, corrupt, cache, metric, kind, **axes):
+    """The batched sweep without its prefix shortcut: 16 copies of the whole prompt per forward."""
+    names = [hooks.hook_name(kind, i) for i in range(model.cfg.n_layers)]
+    plan = plan_sweep(model, cache, names, corrupt.shape[1], **axes)
+    return patch_cells(model, corrupt, cache, metric, plan.cells(), plan.unit_axis, batch_size=16,
+                       reuse_prefix=False).reshape(plan.shape)
+
+
 def z_cache(model, clean, kind="z"):
     names = [hooks.hook_name(kind, i) for i in range(model.cfg.n_layers)]
     return model.run_with_cache(clean, names_filter=names)[1]
@@ -108,9 +119,12 @@ def bench_bundled(args, rows, notes):
                                                                      positions="all"),
         "exact [layer pos head], batch 16": lambda: hooks.patch_sweep(model, corrupt, cache, metric, kind="z",
                                                                       positions="all", batch_size=16),
+        "exact [layer pos head], batch 16, whole prompt": lambda: plain_batches(model, corrupt, cache, metric, "z",
+                                                                                positions="all"),
         "exact [layer head], batch 1": lambda: hooks.patch_sweep(model, corrupt, cache, metric, kind="z"),
         "exact [layer head], batch 16": lambda: hooks.patch_sweep(model, corrupt, cache, metric, kind="z",
                                                                   batch_size=16),
+        "exact [layer head], batch 16, whole prompt": lambda: plain_batches(model, corrupt, cache, metric, "z"),
         "exact resid_pre [layer pos], batch 1": lambda: hooks.patch_sweep(model, corrupt, resid, metric,
                                                                           kind="resid_pre"),
         "exact resid_pre [layer pos], batch 16": lambda: hooks.patch_sweep(model, corrupt, resid, metric,
@@ -126,9 +140,13 @@ def bench_bundled(args, rows, notes):
         notes.append(f"bundled: {what} / AtP = {t[what].min / atp.min:.1f}x (min), "
                      f"{paired_ratio(t[what], atp):.1f}x (paired)")
     for grid in ("[layer pos head]", "[layer head]", "resid_pre [layer pos]"):
-        one, many = t[f"exact {grid}, batch 1"], t[f"exact {grid}, batch 16"]
-        notes.append(f"bundled: exact {grid} batch 1 / batch 16 = {one.min / many.min:.2f}x (min), "
-                     f"{paired_ratio(one, many):.2f}x (paired), cpu {one.cpu_min / many.cpu_min:.2f}x")
+        one = t[f"exact {grid}, batch 1"]
+        for variant in ("batch 16", "batch 16, whole prompt"):
+            if f"exact {grid}, {variant}" not in t:
+                continue
+            many = t[f"exact {grid}, {variant}"]
+            notes.append(f"bundled: exact {grid} batch 1 / {variant} = {one.min / many.min:.2f}x (min), "
+                         f"{paired_ratio(one, many):.2f}x (paired), cpu {one.cpu_min / many.cpu_min:.2f}x")
 
 
 def bench_mid(args, rows, notes, path):
@@ -163,23 +181,50 @@ def bench_mid(args, rows, notes, path):
                  f"{paired_ratio(one, many):.2f}x (paired)")
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_worker(spec: str) -> None:
-    """Print the peak-RSS growth (MiB) of one operation, in this fresh process."""
+    """Print, for one operation in this fresh process: the peak growth of resident memory (sampled every
+    millisecond) and the bytes autograd saved for the backward (distinct storages)."""
+    import threading
+
     cfg = json.loads(spec)
     torch.set_num_threads(cfg["threads"])
     model = HookedCommandR.from_pretrained(cfg["path"], progress=False)
     clean, corrupt, metric = random_task(model.cfg.vocab_size, cfg["pos"])
     names = [hooks.hook_name("z", i) for i in range(model.cfg.n_layers)]
     with torch.no_grad():
-        model(corrupt[:, :8])                                     # warm the allocator and the kernels
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if cfg["op"] == "forward":
-        with torch.no_grad():
-            model.run_with_cache(corrupt, names_filter=names)
-    else:
-        attribution_patching(model, clean, corrupt, metric, kind="z", positions="all")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"mib": (after - before) / 1024}))
+        model.run_with_cache(corrupt, names_filter=names)              # warm the allocator and the kernels
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    peak, stop = [0], threading.Event()
+    base = _rss_bytes()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            stop.wait(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if cfg["op"] == "forward":
+                with torch.no_grad():
+                    model.run_with_cache(corrupt, names_filter=names)
+            else:
+                attribution_patching(model, clean, corrupt, metric, kind="z", positions="all")
+    finally:
+        stop.set()
+        sampler.join()
+    print(json.dumps({"mib": (peak[0] - base) / 2**20, "saved_mib": sum(saved.values()) / 2**20}))
 
 
 def bench_memory(args, rows, notes, path, pos):
@@ -190,9 +235,10 @@ def bench_memory(args, rows, notes, path, pos):
                              capture_output=True, text=True, timeout=1800)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-2000:])
-        got[op] = json.loads(out.stdout.strip().splitlines()[-1])["mib"]
-    notes.append(f"peak RSS growth, {pos}-token prompt: no-grad forward caching hook_z {got['forward']:.0f} MiB, "
-                 f"AtP [layer pos head] (2 forwards + 1 backward) {got['atp']:.0f} MiB")
+        got[op] = json.loads(out.stdout.strip().splitlines()[-1])
+    notes.append(f"peak resident-memory growth, {pos}-token prompt: no-grad forward caching hook_z "
+                 f"{got['forward']['mib']:.0f} MiB; AtP [layer pos head] (2 forwards + 1 backward) "
+                 f"{got['atp']['mib']:.0f} MiB, of which autograd saved {got['atp']['saved_mib']:.0f} MiB for the backward")
 
 
 def main(argv=None) -> int:
@@ -205,11 +251,13 @@ def main(argv=None) -> int:
     rows, notes = [], []
     if args.tiny:
         args.seq_len, args.mid_pos, args.mid_cells, args.repeat = 6, 12, 8, 1
-    bench_bundled(args, rows, notes)
+    if not args.skip_bundled:
+        bench_bundled(args, rows, notes)
     tmp = tempfile.TemporaryDirectory(prefix="bench-attribution-")
-    if not args.skip_mid:
+    if not (args.skip_mid and args.skip_memory):
         path = build_checkpoint(os.path.join(tmp.name, "ckpt"), **(TINY if args.tiny else MID))
-        bench_mid(args, rows, notes, path)
+        if not args.skip_mid:
+            bench_mid(args, rows, notes, path)
         if not args.skip_memory:
             bench_memory(args, rows, notes, path, args.mid_pos)
     print_table(rows, ["model", "contender", "cells", "min / median ms", "cpu ms"])

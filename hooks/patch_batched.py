@@ -9,11 +9,14 @@ order).
 
 Two things make a batch cheaper than N forwards, beyond the wider matrix products:
 
-* cells are ordered by patched position, so a batch holds cells of (nearly) one position p0;
-* nothing before p0 changes (attention is causal), so the batch runs only positions ``p0 …`` on top of
-  a KV cache holding the corrupted run's keys/values of positions ``< p0``, and the corrupted run's
-  logits are reused for the positions before p0 (when ``forward_kwargs`` hold at most an
-  ``attention_mask``; otherwise every row runs the whole prompt).
+* a cell starts at its patched position, or — patching all positions — at the first position where the
+  clean and corrupted activations of its hook differ (before it, both runs are equal: attention is
+  causal); a cell that replaces values by equal ones gets the unpatched metric without a forward;
+* cells are ordered by start, so a batch holds cells of (nearly) one start p0, and nothing before p0
+  changes: the batch runs only positions ``p0 …`` on top of a KV cache holding the corrupted run's
+  keys/values of positions ``< p0``, and the corrupted run's logits are reused for the positions
+  before p0 (when ``forward_kwargs`` hold at most an ``attention_mask``; otherwise every row runs the
+  whole prompt).
 
 Neuron hooks (``mlp.hook_post``/``hook_pre``/``hook_pre_linear``, kind ``"post"`` or ``"mlp_post"``)
 sweep their last axis (``d_mlp``) with ``neurons=``, as per-head hooks sweep heads with ``heads=``.
@@ -143,19 +146,33 @@ def _k_name(model, layer: int) -> str:
     raise ValueError(f"layer {layer} has no key hook")
 
 
-def _corrupted_prefix(model, tokens: torch.Tensor, forward_kwargs: dict):
-    """One corrupted forward: its logits and every layer's cached keys/values ``[batch kv_head pos d_head]``."""
+def _corrupted_prefix(model, tokens: torch.Tensor, forward_kwargs: dict, names: list):
+    """One corrupted forward: its logits, every layer's cached keys/values ``[batch pos kv_head d_head]``
+    and the activations of ``names``."""
     n_layers = model.cfg.n_layers
     store = {}
 
     def keep(x, hook):
         store[hook.name] = x.detach()
 
-    names = [_k_name(model, i) for i in range(n_layers)] + [f"blocks.{i}.attn.hook_v" for i in range(n_layers)]
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(n, keep) for n in names], **forward_kwargs)
-    keys = [store[_k_name(model, i)] for i in range(n_layers)]                   # [batch pos kv_head d_head]
+    kv = [_k_name(model, i) for i in range(n_layers)] + [f"blocks.{i}.attn.hook_v" for i in range(n_layers)]
+    listen = list(dict.fromkeys(kv + list(names)))
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(n, keep) for n in listen], **forward_kwargs)
+    keys = [store[_k_name(model, i)] for i in range(n_layers)]
     values = [store[f"blocks.{i}.attn.hook_v"] for i in range(n_layers)]
-    return logits, keys, values
+    return logits, keys, values, {n: store[n] for n in names}
+
+
+def _first_change(clean: torch.Tensor, corrupted: torch.Tensor, name: str) -> int:
+    """First position where the clean and corrupted activations differ (their length if nowhere): a patch
+    before it replaces a value by the same value."""
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"{name}: clean activation {tuple(clean.shape)} does not match the corrupted "
+                         f"{tuple(corrupted.shape)}; clean and corrupted prompts need the same shape")
+    pa = pos_axis(name)
+    differs = (clean.to(corrupted.device) != corrupted).movedim(pa, 0).reshape(corrupted.shape[pa], -1).any(1)
+    hits = differs.nonzero()
+    return int(hits[0]) if len(hits) else corrupted.shape[pa]
 
 
 def _prefilled_cache(model, keys: list, values: list, p0: int, copies: int) -> KVCache:
@@ -202,6 +219,13 @@ def _patch_rows(source: torch.Tensor, cell_pos: torch.Tensor, cell_unit: torch.T
     return fn
 
 
+def _metric_value(metric: Callable, logits) -> torch.Tensor:
+    value = torch.as_tensor(metric(logits))
+    if value.numel() != 1:
+        raise ValueError(f"patch_sweep: metric must return a scalar, got shape {tuple(value.shape)}")
+    return value
+
+
 def _prefix_ok(forward_kwargs: dict) -> bool:
     return set(forward_kwargs) <= _FORWARD_KWARGS_WITH_PREFIX
 
@@ -228,21 +252,32 @@ def patch_cells(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
         tokens = tokens.to(model.device)
     batch, n = tokens.shape
     prefix = reuse_prefix and _prefix_ok(forward_kwargs)
-    order = sorted(range(len(cells)), key=lambda c: -1 if cells[c][1] is None else cells[c][1])
-    if prefix and any(cells[c][1] is not None for c in order):
-        base_logits, keys, values = _corrupted_prefix(model, tokens, forward_kwargs)
-    else:
-        prefix = False
+    # With the prefix shortcut, a cell starts where its patch first changes anything: its position, and
+    # never before the first position where clean and corrupted differ at that hook (attention is causal,
+    # so earlier positions are equal in both runs). Cells that change nothing get the unpatched metric.
+    start = {c: 0 for c in range(len(cells))}
+    noop = set()
+    if prefix:
+        names = list(dict.fromkeys(cell[0] for cell in cells))
+        base_logits, keys, values, corrupted = _corrupted_prefix(model, tokens, forward_kwargs, names)
+        first = {name: _first_change(clean_cache[name], corrupted[name], name) for name in names}
+        for c, (name, p, _) in enumerate(cells):
+            start[c] = first[name] if p is None else p
+            if (p is None and first[name] >= n) or (p is not None and p < first[name]):
+                noop.add(c)
+    order = sorted((c for c in range(len(cells)) if c not in noop), key=lambda c: start[c])
     out = torch.empty(len(cells), dtype=torch.float32)
+    if noop:
+        out[sorted(noop)] = float(_metric_value(metric, base_logits))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cells), desc="patch_sweep")
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        bar = tqdm(total=len(cells), desc="patch_sweep", initial=len(noop))
+    for i0 in range(0, len(order), batch_size):
+        chunk = order[i0:i0 + batch_size]
         copies = len(chunk)
-        p0 = min((cells[c][1] if cells[c][1] is not None else 0) for c in chunk) if prefix else 0
+        p0 = min(start[c] for c in chunk)
         kwargs = {k: v.repeat(copies, 1) if k == "attention_mask" or (k == "position_ids" and v.shape[0] > 1) else v
                   for k, v in forward_kwargs.items()}
         if p0:
@@ -258,10 +293,7 @@ def patch_cells(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
             head = base_logits[:, :p0].to(logits.device).repeat(copies, 1, 1)
             logits = torch.cat([head, logits], dim=1)                         # [copies*batch pos vocab]
         for r, c in enumerate(chunk):
-            value = torch.as_tensor(metric(None if logits is None else logits[r * batch:(r + 1) * batch]))
-            if value.numel() != 1:
-                raise ValueError(f"patch_sweep: metric must return a scalar, got shape {tuple(value.shape)}")
-            out[c] = float(value)
+            out[c] = float(_metric_value(metric, None if logits is None else logits[r * batch:(r + 1) * batch]))
         if bar is not None:
             bar.update(copies)
     if bar is not None:
