@@ -188,7 +188,7 @@ def _rss_bytes() -> int:
 
 def memory_worker(spec: str) -> None:
     """Print, for one operation in this fresh process: the peak growth of resident memory (sampled every
-    millisecond) and the bytes autograd saved for the backward (distinct storages)."""
+    millisecond) and the bytes autograd saved for the backward (distinct storages, weights excluded)."""
     import threading
 
     cfg = json.loads(spec)
@@ -199,9 +199,12 @@ def memory_worker(spec: str) -> None:
     with torch.no_grad():
         model.run_with_cache(corrupt, names_filter=names)              # warm the allocator and the kernels
     saved = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    def pack(t):                                      # activations only: the weights are resident anyway
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
         return t
 
     peak, stop = [0], threading.Event()
@@ -238,7 +241,7 @@ def bench_memory(args, rows, notes, path, pos):
         got[op] = json.loads(out.stdout.strip().splitlines()[-1])
     notes.append(f"peak resident-memory growth, {pos}-token prompt: no-grad forward caching hook_z "
                  f"{got['forward']['mib']:.0f} MiB; AtP [layer pos head] (2 forwards + 1 backward) "
-                 f"{got['atp']['mib']:.0f} MiB, of which autograd saved {got['atp']['saved_mib']:.0f} MiB for the backward")
+                 f"{got['atp']['mib']:.0f} MiB, autograd saved {got['atp']['saved_mib']:.0f} MiB of activations for the backward")
 
 
 def main(argv=None) -> int:
