@@ -17,10 +17,11 @@ from .attribution import LogitAttribution, direct_logit_attribution
 from .attribution_patching import AttributionPatching, ExactPatches, attribution_patching
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
-from .logit_lens import LogitLens, lens_logits, logit_lens
+from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 
 __all__ = [
-    "AttributionPatching", "ExactPatches", "LogitAttribution", "attribution_patching", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
+    "AttributionPatching", "ExactPatches", "LogitAttribution", "LogitLens", "attribution_patching",
+    "direct_logit_attribution", "duplicate_token_scores", "induction_scores", "lens_logits", "lens_resid_names",
+    "lens_top", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
     "repeated_random_tokens",
 ]
