@@ -6,18 +6,20 @@ Example::
     lens = logit_lens(model, ids, top_k=5)
     dla = direct_logit_attribution(model, ids, answer=42)
     induction_scores(model)                              # [n_layers n_heads]
+    context_attribution(model, tok, messages, documents)  # which document drove each span of a rag reply
 
 Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``stack_head_results``,
 ``apply_ln_to_stack``, ``logit_attrs``, ``save``/``load``) are methods of ``ActivationCache``.
 """
 
 from .attribution import LogitAttribution, direct_logit_attribution
+from .context_attribution import ContextAttribution, context_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
 from .logit_lens import LogitLens, lens_logits, logit_lens
 
 __all__ = [
-    "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
+    "ContextAttribution", "LogitAttribution", "LogitLens", "context_attribution", "direct_logit_attribution",
+    "duplicate_token_scores", "induction_scores", "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
     "repeated_random_tokens",
 ]

@@ -15,8 +15,9 @@ Example::
 """
 
 from .attention_view import AttentionView
+from .context_view import ContextView
 from .generation_view import GenerationView
 from .logit_lens_view import LogitLensView
 from .token_view import TokenView
 
-__all__ = ["AttentionView", "GenerationView", "LogitLensView", "TokenView"]
+__all__ = ["AttentionView", "ContextView", "GenerationView", "LogitLensView", "TokenView"]
