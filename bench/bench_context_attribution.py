@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from _limits import machine_line  # noqa: E402
 from tiny_data import RagData  # noqa: E402
 
 from workbench import HookedCommandR  # noqa: E402
@@ -187,8 +188,8 @@ def main() -> None:
             add(f"{m}", res.scores[0], e, src, time.perf_counter() - t0, res.details["forward_equivalents"])
         print(f"done: {len(ex['documents'])} documents, {n_tok} tokens", flush=True)
 
-    print(f"\nmachine: {platform.machine()} {platform.processor() or ''} | torch {torch.__version__} | "
-          f"threads {args.threads} | {args.examples} conversations x {args.docs} documents (whole reply as one span)\n")
+    print(f"\n{machine_line()}\n{args.examples} conversations x {args.docs} documents, whole reply as one span, "
+          f"threads {args.threads}\n")
     print(f"| method | seconds / conversation | forward-equivalents | Spearman vs exact LOO | top-1 = LOO's | source first |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -338,3 +338,12 @@ class RagData:
         sources = sorted({i for _, c in claims for i in c})
         return {"messages": [{"role": "user", "content": question}], "documents": documents,
                 "response": rag_response(sources, claims), "sources": sources, "facts": values}
+
+    def mini(self) -> tuple[str, str]:
+        """A short plain-text drill of the same skill (~100 tokens): numbered one-line documents, then a question,
+        the relevant document(s) and the answer copied from them (returned as (documents, rest))."""
+        ex = self.example()
+        lines = [f"Document: {i}\ntext: {d['text']}" for i, d in enumerate(ex["documents"])]
+        answer = ex["response"].split("Answer: ", 1)[1].split("\n", 1)[0]
+        docs = ",".join(map(str, ex["sources"]))
+        return "\n".join(lines), f"\nQuestion: {ex['messages'][0]['content']}\nRelevant Documents: {docs}\nAnswer: {answer}\n"

@@ -12,8 +12,9 @@
 # * **attention**: attention mass from the span's tokens to the document, averaged over layers and heads;
 # * **gradient**: gradient × input of the span's log-probability at the embeddings, summed per document.
 #
-# The bundled model was fine-tuned on synthetic grounded conversations (see its model card), so it answers
-# and cites on questions like the one below.
+# The lens works on any reply: the model's own greedy one, or a reply you pass in (a reference answer, another
+# model's). The bundled tiny model's fine-tuning for grounded answering is still short of its bar (see its
+# model card), so when its greedy reply is not in the rag format this notebook scores a reference reply instead.
 
 # %%
 import os
@@ -67,7 +68,12 @@ out = model.generate(ids, max_new_tokens=120, do_sample=False, eos_token_id=tok.
 reply_ids = out[0, ids.shape[1]:].tolist()
 reply_ids = reply_ids[:reply_ids.index(tok.eos_token_id)] if tok.eos_token_id in reply_ids else reply_ids
 reply = tok.decode(reply_ids)
-print(reply)
+print(repr(reply))
+if not reply.startswith("Relevant Documents:") or set(reply_ids) & set(tok.added_tokens):
+    reply = ("Relevant Documents: 1,3\nCited Documents: 1,3\nAnswer: Alice lives in Paris. Alice plays the violin.\n"
+             "Grounded answer: <co: 1>Alice lives in Paris</co: 1>. <co: 3>Alice plays the violin</co: 3>.")
+    reply_ids = tok.encode(reply, add_special_tokens=False)
+    print("not a grounded reply; scoring this reference reply instead:\n" + reply)
 
 # %% [markdown]
 # ## Three methods

@@ -36,6 +36,7 @@ from .context_methods import ablation_scores, attention_scores, gradient_scores
 from .rag_spans import RagPrompt, check_documents, citation_matrix, rag_prompt, response_spans
 
 METHODS = ("ablation", "attention", "gradient")
+ABLATIONS = ("remove", "rerender", "mask")
 
 
 @dataclass
@@ -132,7 +133,7 @@ def reply_ids(tokenizer, prompt: RagPrompt, response) -> list:
 
 def generate_reply(model, tokenizer, prompt: RagPrompt, max_new_tokens: int = 128) -> list:
     """Greedy reply to the rendered prompt (``model.generate``), without its ``<|END_OF_TURN_TOKEN|>``."""
-    ids = torch.tensor([prompt.ids], device=model.embed.weight.device)
+    ids = torch.tensor([prompt.ids], device=model.device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     new = out[0, ids.shape[1]:].tolist()
     return new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
@@ -141,14 +142,18 @@ def generate_reply(model, tokenizer, prompt: RagPrompt, max_new_tokens: int = 12
 def context_attribution(model, tokenizer, messages, documents, response=None, method: str = "ablation",
                         spans="sentences", n_ablations: int | None = None, *, chat_template: str = "rag",
                         ablation: str = "remove", batch_size: int = 8, max_new_tokens: int = 128, seed: int = 0,
-                        alpha: float | None = None, **template_kwargs) -> ContextAttribution:
+                        alpha: float | None = None, max_exact: int = 16, **template_kwargs) -> ContextAttribution:
     """Score how much each document drove each span of the reply; see the module docstring.
 
     ``response``: None (greedy generation), the reply text or ids, or prompt + reply. ``spans``:
     ``"sentences"``, ``"all"`` or a list of ``(start, end)`` character ranges / substrings of the reply.
-    ``n_ablations`` (method "ablation"): None = exact leave-one-out (one forward per document); an int =
-    that many random subsets and a Lasso surrogate (``alpha`` default 0.01 x std of the log-probabilities).
-    ``ablation``: "remove" (drop the document's tokens) or "mask" (keep them, hide them from attention).
+    ``n_ablations`` (method "ablation"): None = exact leave-one-out (one forward per document) when there are
+    at most ``max_exact`` documents, else 64 random subsets; an int = that many random subsets (each document
+    kept with probability 1/2) and a Lasso surrogate (``alpha`` default 0.01 x std of the log-probabilities).
+    ``ablation``: "remove" (drop the document's tokens; the other documents keep their numbers, so the
+    reply's citation numbers still point at them), "rerender" (the template rendered without the document:
+    later documents are renumbered, which also changes what the reply's numbers refer to) or "mask" (keep
+    the tokens, hide them from attention).
     Extra keyword arguments go to the template (e.g. ``citation_mode="fast"``).
 
     Example::
@@ -158,13 +163,15 @@ def context_attribution(model, tokenizer, messages, documents, response=None, me
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if ablation not in ("remove", "mask"):
-        raise ValueError(f"ablation: expected 'remove' or 'mask', got {ablation!r}")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation: expected one of {ABLATIONS}, got {ablation!r}")
     if n_ablations is not None and (not isinstance(n_ablations, int) or isinstance(n_ablations, bool) or n_ablations < 2):
         raise ValueError(f"n_ablations: expected None (exact leave-one-out) or an int >= 2, got {n_ablations!r}")
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise ValueError("messages: expected a non-empty list of {'role', 'content'} dicts")
     documents = check_documents(documents)
+    if n_ablations is None and len(documents) > max_exact:
+        n_ablations = 64
     prompt = rag_prompt(tokenizer, messages, documents, chat_template=chat_template, **template_kwargs)
     if response is None:
         ids = generate_reply(model, tokenizer, prompt, max_new_tokens)
@@ -175,7 +182,13 @@ def context_attribution(model, tokenizer, messages, documents, response=None, me
     text, span_list = response_spans(tokenizer, ids, spans)
     cited, parsed = citation_matrix(text, span_list, len(documents))
     if method == "ablation":
-        scores, details = ablation_scores(model, prompt, ids, span_list, n_ablations, ablation, batch_size, seed, alpha)
+        def render(kept: list) -> list:
+            return tokenizer.apply_chat_template(messages, documents=[documents[i] for i in kept],
+                                                 chat_template=chat_template, add_generation_prompt=True,
+                                                 **template_kwargs)
+
+        scores, details = ablation_scores(model, prompt, ids, span_list, n_ablations, ablation, batch_size, seed,
+                                          alpha, render)
     elif method == "attention":
         scores, details = attention_scores(model, prompt, ids, span_list)
     else:

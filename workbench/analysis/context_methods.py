@@ -55,7 +55,7 @@ def response_logprobs(logits: torch.Tensor, response: torch.Tensor) -> torch.Ten
 def _prefix_cache(model, prefix: list) -> KVCache:
     cache = KVCache.for_model(model)
     with torch.no_grad():
-        model(torch.tensor([prefix], device=model.embed.weight.device), kv_cache=cache)
+        model(torch.tensor([prefix], device=model.device), kv_cache=cache)
     return cache
 
 
@@ -69,15 +69,17 @@ def _expanded(model, one: KVCache, batch: int) -> KVCache:
 
 
 def run_ablations(model, prompt, response_ids: list, keep: torch.Tensor, spans: list, mode: str = "remove",
-                  batch_size: int = 8) -> tuple[torch.Tensor, dict]:
+                  batch_size: int = 8, render=None) -> tuple[torch.Tensor, dict]:
     """Span log-probabilities ``[n_rows n_spans]`` with the documents ``keep`` ``[n_rows n_documents]`` (bool).
 
-    ``mode="remove"``: the dropped documents' tokens are taken out (the rest keep their numbers and
-    tokens; rows are padded between the shared prefix and the rest, with ``attention_mask`` and
-    ``position_ids`` so that every row computes what its unpadded sequence would). ``mode="mask"``: the
-    dropped documents' tokens stay in place but no query may attend to them.
+    ``mode="rerender"``: the prompt rendered by ``render(kept document indices) -> ids`` (the template with
+    only those documents, renumbered as the template numbers them). ``mode="remove"``: the dropped
+    documents' tokens are taken out (the rest keep their numbers and tokens). Rows are padded between the
+    shared prefix and the rest, with ``attention_mask`` and ``position_ids`` so that every row computes what
+    its unpadded sequence would. ``mode="mask"``: the dropped documents' tokens stay in place but no query
+    may attend to them.
     """
-    device = model.embed.weight.device
+    device = model.device
     P = prompt.prefix_length
     prompt_rest = prompt.ids[P:]
     R = len(response_ids)
@@ -93,7 +95,14 @@ def run_ablations(model, prompt, response_ids: list, keep: torch.Tensor, spans: 
         seqs, masks = [], []
         for row in rows:
             dropped = (doc_of >= 0) & ~row[doc_of.clamp(min=0)]
-            if mode == "remove":
+            if mode == "rerender":
+                ids_ = render([i for i, k in enumerate(row.tolist()) if k])
+                if list(ids_[:P]) != list(prompt.ids[:P]):
+                    raise ValueError("ablation='rerender': the prompt without some documents does not start with "
+                                     "the tokens before the first document; use ablation='remove'")
+                seqs.append(list(ids_[P:]) + list(response_ids))
+                masks.append([1] * len(seqs[-1]))
+            elif mode == "remove":
                 kept = [t for t, d in zip(prompt_rest, dropped.tolist()) if not d]
                 seqs.append(kept + list(response_ids))
                 masks.append([1] * len(seqs[-1]))
@@ -149,7 +158,7 @@ def lasso(X: torch.Tensor, y: torch.Tensor, alpha: float, iters: int = 500, tol:
 
 def ablation_scores(model, prompt, response_ids: list, spans: list, n_ablations: int | None = None,
                     mode: str = "remove", batch_size: int = 8, seed: int = 0,
-                    alpha: float | None = None) -> tuple[torch.Tensor, dict]:
+                    alpha: float | None = None, render=None) -> tuple[torch.Tensor, dict]:
     """Leave-one-document-out drops (``n_ablations=None``) or a Lasso surrogate fitted on ``n_ablations``
     random subsets; see the module docstring. ``details``: ``keep`` (the subsets), ``logprobs`` (their span
     log-probabilities), ``full_logprob`` ``[n_spans]``, ``forward_equivalents``, ``seconds``."""
@@ -161,7 +170,7 @@ def ablation_scores(model, prompt, response_ids: list, spans: list, n_ablations:
     else:
         gen = torch.Generator().manual_seed(seed)
         keep = torch.cat([torch.ones(1, n, dtype=torch.bool), torch.rand(n_ablations, n, generator=gen) < 0.5])
-    lp, info = run_ablations(model, prompt, response_ids, keep, spans, mode, batch_size)
+    lp, info = run_ablations(model, prompt, response_ids, keep, spans, mode, batch_size, render)
     full = lp[0]
     details = {"keep": keep, "logprobs": lp, "full_logprob": full, "mode": mode, **info}
     if n_ablations is None:
@@ -188,7 +197,7 @@ def attention_to_ranges(model, ids: list, query_ranges: list, key_ranges: list) 
     Stand-in for ``workbench.analysis.attention_to_spans`` (being written on another branch); the
     single place to swap when it lands.
     """
-    device = model.embed.weight.device
+    device = model.device
     L, H = model.cfg.n_layers, model.cfg.n_heads
     out = torch.zeros(len(query_ranges), len(key_ranges), L, H)
 
@@ -220,7 +229,7 @@ def attention_scores(model, prompt, response_ids: list, spans: list) -> tuple[to
 def gradient_scores(model, prompt, response_ids: list, spans: list) -> tuple[torch.Tensor, dict]:
     """Gradient x input of each span's log-probability at ``hook_embed``, summed per document (one backward)."""
     t0 = time.perf_counter()
-    device = model.embed.weight.device
+    device = model.device
     P, R, S = len(prompt.ids), len(response_ids), len(spans)
     ids = torch.tensor([list(prompt.ids) + list(response_ids)], device=device).expand(S, -1)
     response = torch.tensor([response_ids], device=device)
