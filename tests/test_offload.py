@@ -8,7 +8,7 @@ import torch
 from _reference import make_hf_checkpoint
 from workbench import HookedCommandR
 from workbench.kv_cache import KVCache
-from workbench.offload import device_for, execution_device
+from workbench.offload import device_for, execution_device, torch_device
 
 VOCAB = 97
 MIXED = {"cpu": 300_000}   # tiny model: embedding + block 0 fit, the rest goes to disk
@@ -149,16 +149,32 @@ def test_save_from_offloaded_model_gathers_weights(ckpt, plain, tmp_path):
         assert torch.equal(back.state_dict()[name], p), name
 
 
-def test_unconstrained_strategies_keep_everything_on_cpu(ckpt, plain):
-    ids = _ids()
-    for strategy in ("auto", "balanced", "sequential"):
+def _first_device():
+    """The device accelerate's strategies fill first when max_memory is not given: GPU 0 on a CUDA
+    host, Apple's "mps" where that is the accelerator, else the CPU."""
+    if torch.cuda.is_available():
+        return 0
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def test_unconstrained_strategies_put_everything_on_the_first_device(ckpt, plain):
+    """No max_memory: the tiny model fits the first device (GPU 0 on a GPU host, the CPU on a CPU-only
+    one), so one device holds everything and no accelerate hook is attached. With 2+ GPUs "auto" and
+    "balanced" rightly spread the layers (test_auto_spreads_layers_over_gpus); "sequential" still fills GPU 0."""
+    first = _first_device()
+    device = torch_device(first)
+    ref = plain if device.type == "cpu" else HookedCommandR.from_pretrained(ckpt, device=device, progress=False)
+    ids = _ids().to(device)
+    strategies = ("auto", "balanced", "sequential") if torch.cuda.device_count() < 2 else ("sequential",)
+    for strategy in strategies:
         model = HookedCommandR.from_pretrained(ckpt, device_map=strategy, progress=False)
-        assert set(model.hf_device_map.values()) == {"cpu"}, model.hf_device_map
+        assert set(model.hf_device_map.values()) == {first}, (strategy, model.hf_device_map)
         assert not hasattr(model.embed, "_hf_hook")          # one device: no accelerate hooks needed
         assert model.unembed.weight is model.embed.weight
+        assert execution_device(model) == device and model.embed.weight.device == device
         with torch.no_grad():
-            assert torch.equal(model(ids), plain(ids))
-    assert execution_device(model).type == "cpu"
+            assert torch.equal(model(ids), ref(ids))        # same device, same kernels: same bits
 
 
 def test_bad_device_map_arguments(ckpt):

@@ -204,15 +204,18 @@ class Attention(nn.Module):
         return self.o_proj(rearrange(blocks, "b s h g d -> b s h (g d)"))
 
     def _explicit(self, q, k, v, mask, masks):
-        k = repeat_kv(k, self.group)                  # [batch head k_pos d_head]
-        v = repeat_kv(v, self.group)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        # Bits depend on memory layout as well as values: BLAS picks its kernel (and so its
+        # summation order) from the operands' strides. Hand ``eager_attention`` exactly what
+        # transformers hands its ``eager_attention_forward``: keys and values contiguous
+        # [batch kv_head k_pos d_head] (its KV cache concatenates), and a single rotated query row
+        # with standard strides (its rotary math on a [batch head 1 d_head] view yields them).
+        # Longer queries, and queries of layers without rotary (cohere2's global layers), keep the
+        # [batch pos head d_head] storage order of the projection, as in the reference.
+        if q.shape[2] == 1 and self.use_rope:
+            q = standard_strides(q)
         if mask is None:
             mask = masks.dense(self.window, k.shape[-2], q.device)
-        scores = self.hook_attn_scores(scores + mask)
-        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        pattern = self.hook_pattern(pattern)
-        return torch.matmul(pattern, v)               # [batch head q_pos d_head]
+        return eager_attention(self, q, standard_strides(k), standard_strides(v), mask)
 
     def _fused(self, q, k, v, mask, is_causal):
         if self.group > 1:
@@ -221,6 +224,36 @@ class Attention(nn.Module):
                                                       scale=self.scale, enable_gqa=True)
             k, v = repeat_kv(k, self.group), repeat_kv(v, self.group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+
+
+def eager_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """The explicit attention stages, op for op as transformers' ``eager_attention_forward``.
+
+    query [batch head q_pos d_head], key/value [batch kv_head k_pos d_head], mask additive
+    [batch|1 1 q_pos k_pos] -> z [batch head q_pos d_head]. ``attn`` supplies the group size, the
+    scale and the ``hook_attn_scores``/``hook_pattern`` points. Callers pass the operands in the
+    reference's layouts (tests/test_layout.py compares shapes and strides with the reference)."""
+    key = repeat_kv(key, attn.group)                  # [batch head k_pos d_head]
+    value = repeat_kv(value, attn.group)
+    scores = torch.matmul(query, key.transpose(2, 3)) * attn.scale
+    scores = attn.hook_attn_scores(scores + mask)     # [batch head q_pos k_pos]
+    pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = attn.hook_pattern(pattern)              # [batch head q_pos k_pos]
+    return torch.matmul(pattern, value)               # [batch head q_pos d_head]
+
+
+def standard_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with row-major strides, also on size-1 axes (which ``.contiguous()`` leaves as they are
+    and which still steer some kernels): what a freshly allocated tensor, like a concatenation, has."""
+    stride, expected = x.stride(), []
+    step = 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if stride == tuple(reversed(expected)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -37,9 +37,12 @@ cfg = model.cfg
 # `logit_scale` multiplication (1/16 for Command-R): without it every probability is wrong. Each residual stream
 # is normalised with its **own** LayerNorm statistics.
 #
-# In the view, rows are residual streams (`resid_pre 0` = the embeddings, … , `resid_post` of the last layer =
-# the real output), columns are positions, each cell is the top next-token prediction at that point, coloured
-# by its probability. With a `target`, cells are coloured by that token's probability instead.
+# In the view, rows are residual streams, drawn bottom-up as the stream flows: `resid_pre 0` (the embeddings) is
+# the bottom row and `resid_post` of the last layer (the real output) the TOP row. Columns are positions; each
+# cell is the top next-token prediction at that point, coloured by its probability (colourbar above the grid;
+# linear or log scale). With a `target`, each cell shows that token's rank (`#1` = top) and probability instead,
+# and the title names the token and its id (type `Paris` in the box and the view offers ` Paris`, the token
+# with the leading space that follows "is").
 
 # %%
 prompt = "The capital of France is"
@@ -48,8 +51,9 @@ rome = tok.encode(" Rome", add_special_tokens=False)[0]
 LogitLensView(model, tok, prompt, top_k=5, target=paris)
 
 # %% [markdown]
-# The numbers behind it: the probability and rank of ` Paris` after each layer, at the last position. The
-# last row is exactly the model's output (checked below).
+# The numbers behind it: the probability and rank of ` Paris` after each layer, at the last position, printed
+# from the first residual to the last. The last line printed (the view's top row, `resid_post` of the last
+# layer) is exactly the model's output (checked below).
 
 # %%
 ids = torch.tensor([tok.encode(prompt)], device=model.device)
@@ -61,6 +65,7 @@ logits, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith(("ho
 same = torch.equal(lens_logits(model, cache["resid_post", -1]), cache["hook_logits"])
 print("lens of the last resid_post == the model's logits:", same)
 assert same
+assert int(lens.top_ids[-1, 0, 0, 0]) == int(logits[0, -1].argmax())   # the top row's top-1 is the model's pick
 
 # %% [markdown]
 # ## Watching generation live
@@ -68,8 +73,9 @@ assert same
 # `GenerationView` runs `model.generate(..., capture=..., on_step=...)`: after the prefill and after every new
 # token it receives that step's attention rows and residual streams (for the new position only, the rest is in
 # the KV cache) and updates the token strip, the attention view and the logit lens. Display the dashboard in
-# one cell, then run it in the next: the page updates while the cell runs. (`view.run_async()` generates on a
-# background thread instead, which keeps the Stop button responsive.)
+# one cell, then run it in the next: the page updates while the cell runs (new tokens are appended; frames the
+# page has not drawn yet are merged, so it never falls behind). The Stop button works during `run()`; the status
+# ends with `done`, `stopped` or `interrupted` (kernel ■). `view.run_async()` generates on a background thread.
 
 # %%
 view = GenerationView(model, tok, [{"role": "user", "content": "What is the capital of France?"}],

@@ -16,10 +16,10 @@ from .attribution import LogitAttribution, direct_logit_attribution
 from .context_attribution import ContextAttribution, context_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
-from .logit_lens import LogitLens, lens_logits, logit_lens
+from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 
 __all__ = [
     "ContextAttribution", "LogitAttribution", "LogitLens", "context_attribution", "direct_logit_attribution",
-    "duplicate_token_scores", "induction_scores", "lens_logits", "logit_lens", "pattern_scores", "previous_occurrence", "previous_token_scores",
-    "repeated_random_tokens",
+    "duplicate_token_scores", "induction_scores", "lens_logits", "lens_resid_names", "lens_top", "logit_lens",
+    "pattern_scores", "previous_occurrence", "previous_token_scores", "repeated_random_tokens",
 ]

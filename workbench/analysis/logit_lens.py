@@ -6,6 +6,11 @@ unembedding and ``logit_scale``. The last ``resid_post`` therefore gives exactly
 (Tools that skip ``logit_scale`` or the final norm, or reuse the last layer's norm scale for every
 layer, give wrong probabilities on Command-R.)
 
+``lens_top`` is the one batched implementation: every residual stream of a stack goes through the
+head in one call (chunked only to bound memory), returning top-k, a target's probability and its
+rank. ``logit_lens`` (a prompt or a cache) and the live views (one generation step at a time) both
+call it.
+
 Example::
 
     lens = logit_lens(model, input_ids, top_k=5, target=answer_id)
@@ -44,6 +49,66 @@ def lens_logits(model, resid: torch.Tensor) -> torch.Tensor:
     W_U = model_weight(model, "unembed.weight").to(resid.device)      # [vocab d_model]
     normed = layer_norm_fp32(resid, weight, model.ln_final.eps).to(W_U.dtype)
     return F.linear(normed, W_U) * model.cfg.logit_scale
+
+
+def lens_resid_names(n_layers: int) -> list[str]:
+    """The hook names a logit lens reads: ``resid_pre`` of every layer, then the last ``resid_post``.
+
+    (A local helper until the hook vocabulary module provides ``act_name``.)
+
+    Example::
+
+        model.run_with_cache(ids, names_filter=lens_resid_names(model.cfg.n_layers))
+    """
+    return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+
+# Probabilities computed at once, at most (floats): bounds the [chunk ... vocab] intermediate.
+_CHUNK_FLOATS = 1 << 26
+
+
+@torch.no_grad()
+def lens_top(model, stack: torch.Tensor, top_k: int = 5, target=None):
+    """The batched logit lens: ``stack [n_resid ... d_model]`` -> ``(top_ids, top_probs, target_prob,
+    target_rank)``, top-k ``[n_resid ... k]``, target ``[n_resid ...]`` (None without ``target``).
+
+    ``target``: a token id or a LongTensor broadcastable to ``stack.shape[1:-1]``. Rank 0 = the top
+    token; ties count against the target. All residuals go through ``lens_logits`` in one call; the
+    stack is split along ``n_resid`` only when ``[n_resid ... vocab]`` would exceed ~256 MB.
+
+    Example::
+
+        stack = torch.stack([cache[n][0] for n in lens_resid_names(L)])     # [n_resid pos d_model]
+        top_ids, top_probs, p, rank = lens_top(model, stack, top_k=5, target=paris)
+    """
+    if not isinstance(top_k, int) or not 1 <= top_k <= model.cfg.vocab_size:
+        raise ValueError(f"top_k: expected an int in [1, {model.cfg.vocab_size}], got {top_k!r}")
+    if stack.dim() < 2:
+        raise ValueError(f"stack: expected [n_resid ... d_model], got shape {tuple(stack.shape)}")
+    per_resid = max(1, stack[0].numel() // max(1, stack.shape[-1])) * model.cfg.vocab_size
+    step = max(1, _CHUNK_FLOATS // per_resid)
+    tgt = None
+    if target is not None:
+        tgt = torch.as_tensor(target, device=stack.device)
+        if tgt.is_floating_point() or tgt.dtype == torch.bool:
+            raise ValueError(f"target: expected integer token ids, got dtype {tgt.dtype}")
+        if ((tgt < 0) | (tgt >= model.cfg.vocab_size)).any():
+            raise ValueError(f"target: token ids must be in [0, {model.cfg.vocab_size})")
+        tgt = tgt.long().expand(stack.shape[1:-1])
+    ids, probs, t_prob, t_rank = [], [], [], []
+    for chunk in stack.split(step):                      # [chunk ... d_model], usually the whole stack
+        logits = lens_logits(model, chunk).float()       # [chunk ... vocab]
+        p_all = logits.softmax(-1)
+        p, i = p_all.topk(top_k, dim=-1)
+        ids.append(i)
+        probs.append(p)
+        if tgt is not None:
+            t = tgt.to(logits.device).expand(logits.shape[:-1])[..., None]
+            t_prob.append(p_all.gather(-1, t)[..., 0])
+            t_rank.append((logits > logits.gather(-1, t)).sum(-1))
+    if tgt is None:
+        return torch.cat(ids), torch.cat(probs), None, None
+    return torch.cat(ids), torch.cat(probs), torch.cat(t_prob), torch.cat(t_rank)
 
 
 @dataclass
@@ -122,31 +187,20 @@ def logit_lens(model, cache_or_input_ids, top_k: int = 5, target=None, positions
         tokens = torch.as_tensor(cache_or_input_ids)
         if model.device.type != "meta":           # meta = accelerate offload: its hooks move inputs
             tokens = tokens.to(model.device)
-        L = model.cfg.n_layers
-        names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+        names = lens_resid_names(model.cfg.n_layers)
         _, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask)
     n_pos = cache["resid_pre", 0].shape[1]
     pos_idx = _positions(positions, n_pos)
     stack, labels = cache.accumulated_resid(pos_slice=pos_idx)       # [n_resid batch pos d_model]
     batch = stack.shape[1]
     tgt = _target(target, batch, pos_idx, n_pos, model.cfg.vocab_size) if target is not None else None
-    top_ids, top_probs, t_prob, t_rank = [], [], [], []
-    for resid in stack:                            # one residual at a time: [batch pos vocab] at most
-        logits = lens_logits(model, resid).float()
-        probs = logits.softmax(-1)
-        p, i = probs.topk(top_k, dim=-1)
-        top_ids.append(i)
-        top_probs.append(p)
-        if tgt is not None:
-            t = tgt.to(logits.device)[..., None]
-            t_prob.append(probs.gather(-1, t)[..., 0])
-            t_rank.append((logits > logits.gather(-1, t)).sum(-1))
+    top_ids, top_probs, t_prob, t_rank = lens_top(model, stack, top_k, tgt)
     return LogitLens(
         labels=labels,
-        top_ids=torch.stack(top_ids),
-        top_probs=torch.stack(top_probs),
-        target_prob=torch.stack(t_prob) if tgt is not None else None,
-        target_rank=torch.stack(t_rank) if tgt is not None else None,
+        top_ids=top_ids,
+        top_probs=top_probs,
+        target_prob=t_prob,
+        target_rank=t_rank,
         positions=pos_idx,
         target_ids=tgt,
         tokens=tokens,

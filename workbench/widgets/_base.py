@@ -8,7 +8,6 @@ Everything that reaches the browser goes through here: token text travels as JSO
 from __future__ import annotations
 
 import codecs
-import html
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 # Raw whitespace that must never be invisible in a chip (TokenPiece.text already uses these markers;
 # this is the fallback for tokenizers whose pieces carry raw text).
-_VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+_VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍",
+            # zero-width and invisible format characters: named, or a chip would look empty
+            "\u200b": "⟨ZWSP⟩", "\u200c": "⟨ZWNJ⟩", "\u200d": "⟨ZWJ⟩", "\u2060": "⟨WJ⟩",
+            "\ufeff": "⟨BOM⟩", "\u00ad": "⟨SHY⟩", "\u200e": "⟨LRM⟩", "\u200f": "⟨RLM⟩", "\u034f": "⟨CGJ⟩"}
 
 
 def static_text(*names: str) -> str:
@@ -131,6 +133,7 @@ class RecordCache:
         self.ids: list[int] = []
         self.records: list[dict] = []
         self.data: list[bytes] = []
+        self.changed_from = 0          # first index whose record changed in the last update()
 
     def update(self, ids: Sequence[int]) -> list[dict]:
         ids = [int(i) for i in ids]
@@ -149,7 +152,12 @@ class RecordCache:
         for r in tail:
             r["start"] += shift
             r["end"] += shift
-        self.ids, self.records, self.data = ids, self.records[:j] + tail, self.data[:j] + data
+        records = self.records[:j] + tail
+        same = j
+        while same < min(len(self.records), len(records)) and self.records[same] == records[same]:
+            same += 1                                     # recomputed but unchanged: not a change
+        self.ids, self.records, self.data = ids, records, self.data[:j] + data
+        self.changed_from = same
         return self.records
 
     @property
@@ -171,7 +179,15 @@ def records_json(records: Sequence[dict]) -> str:
 
 
 class RecordsMixin:
-    """``view.tokens``: the token records as a Python list, synced as the ``tokens_json`` string trait."""
+    """``view.tokens``: the token records, synced as a committed prefix (``tokens_json``) plus a tail
+    (``tail_json``, the records from index ``n_committed`` on).
+
+    ``set_records`` replaces everything (one message with the whole list); ``stream_records`` sends only the
+    tail while it stays short, so a generation step costs the size of the new tokens, not of the sequence. The
+    tail is folded into the prefix every ``TAIL_MAX`` tokens (and whenever a committed record changes).
+    """
+
+    TAIL_MAX = 128
 
     @property
     def tokens(self) -> list[dict]:
@@ -179,11 +195,25 @@ class RecordsMixin:
 
     @tokens.setter
     def tokens(self, records: Sequence[dict]) -> None:
-        self._set_records(list(records))
+        self.set_records(list(records))
 
-    def _set_records(self, records: list[dict], encoded: str | None = None) -> None:
+    def set_records(self, records: Sequence[dict], encoded: str | None = None) -> None:
+        """Replace every record (``encoded``: ``records_json(records)`` if the caller has it already)."""
+        self._records = list(records)
+        with self.hold_sync():  # type: ignore[attr-defined]
+            self.tokens_json = records_json(self._records) if encoded is None else encoded  # type: ignore
+            self.tail_json = "[]"  # type: ignore[attr-defined]
+            self.n_committed = len(self._records)  # type: ignore[attr-defined]
+
+    def stream_records(self, records: Sequence[dict], changed_from: int) -> None:
+        """The sequence grew or its last records changed from index ``changed_from``: send only the tail."""
+        records = list(records)
+        committed = int(self.n_committed)  # type: ignore[attr-defined]
+        if changed_from < committed or len(records) < committed or len(records) - committed > self.TAIL_MAX:
+            self.set_records(records)
+            return
         self._records = records
-        self.tokens_json = records_json(records) if encoded is None else encoded  # type: ignore[attr-defined]
+        self.tail_json = records_json(records[committed:])  # type: ignore[attr-defined]
 
 
 def _bare_record(i: int) -> dict:
@@ -237,65 +267,3 @@ def from_u8(data: bytes, shape: Sequence[int]) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).reshape(*shape)
-
-
-# ------------------------------------------------------------------------------------------- static snapshot
-def esc(s: Any) -> str:
-    """HTML-escape for text and attribute values (quotes included)."""
-    return html.escape(str(s), quote=True)
-
-
-def blue(p: float) -> str:
-    """The colour scale shared with the JS views: white (0) to dark blue (1)."""
-    p = min(max(float(p), 0.0), 1.0)
-    return f"rgb({round(255 - 222 * p)},{round(255 - 165 * p)},{round(255 - 75 * p)})"
-
-
-def snapshot_page(body: str, title: str = "commandr-workbench", full_page: bool = True) -> str:
-    """Self-contained HTML (inline CSS, no script) around a view's snapshot: a whole document, or a fragment
-    with its own ``<style>`` for a notebook output."""
-    css = static_text("widgets.css")
-    if not full_page:
-        return f"<div class='wb-snapshot-wrap'><style>{css}</style>{body}</div>"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{css}</style></head><body>{body}</body></html>")
-
-
-SNAPSHOT_FALLBACK_LIMIT = 64 * 1024  # bytes of text/html a displayed view may add to the saved notebook
-
-
-class SnapshotMixin:
-    """Adds the static snapshot (``to_html(full_page=False)``) as a ``text/html`` fallback to the widget's mime
-    bundle: JupyterLab renders the live widget; nbconvert/GitHub, which cannot run it, show the snapshot (of
-    the view as first displayed). A snapshot over 64 KiB is replaced by a one-line note, so that displaying a
-    big heatmap does not bloat the saved notebook; ``view.to_html()`` always gives the full one."""
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)  # type: ignore[misc]
-        data, meta = bundle if isinstance(bundle, tuple) else (bundle, {})
-        if data is not None:
-            snapshot = self.to_html(full_page=False)  # type: ignore[attr-defined]
-            if len(snapshot.encode("utf-8")) > SNAPSHOT_FALLBACK_LIMIT:
-                snapshot = (f"<p><i>{esc(type(self).__name__)}: an interactive widget (its static snapshot is "
-                            "too large to embed; save one with <code>view.to_html()</code>).</i></p>")
-            data = {**data, "text/html": snapshot}
-        return data, meta
-
-
-def token_tooltip(r: dict) -> str:
-    return (f"id {r['id']} · bytes {r['hex'] or '—'} · chars [{r['start']}, {r['end']}) {r['chars']!r}"
-            + (" · special" if r["special"] else ""))
-
-
-def chips_html(records: Sequence[dict], weights: Sequence[float] | None = None) -> str:
-    """Static chips (escaped text, title tooltips) for snapshots."""
-    parts = []
-    for i, r in enumerate(records):
-        cls = "wb-tok" + (" wb-special" if r["special"] else "") + (" wb-partial" if r["partial"] else "")
-        style = f" style='background:{blue(weights[i])}'" if weights is not None else ""
-        sub = f"<span class='wb-chars'>{esc(r['chars'])}</span>" if r["partial"] else ""
-        parts.append(f"<span class='{cls}' title='{esc(token_tooltip(r))}'{style}>"
-                     f"<span class='wb-text'>{esc(r['text'])}</span>{sub}<span class='wb-id'>{r['id']}</span></span>")
-        if r["newline"]:
-            parts.append("<span class='wb-break'></span>")
-    return "<div class='wb-chips'>" + "".join(parts) + "</div>"

@@ -1,33 +1,39 @@
 """AttentionView: where each head attends.
 
-Layer and head selectors, a grid of head thumbnails, a heatmap of the selected ``[q_pos k_pos]`` pattern with
-token labels on both axes (hover: query token, key token, weight), and the text coloured by the attention of a
-selected query token.
+A layer × head overview grid of clickable thumbnails (optionally ringed by head scores: previous-token,
+induction, attention to BOS), a heatmap of the selected ``[q_pos k_pos]`` window with token labels on both
+axes, a colourbar (linear / log / per-row-max), each row's weight outside the key window, a minimap of the
+whole sequence (document/turn ``spans`` shaded, click to jump), and the text coloured by the selected query's
+attention. PNG/SVG export buttons draw the view client-side.
 
 What travels to the browser (binary, never the L×H×T×T tensor):
 
 * the heatmap is **windowed**: at most ``window × window`` cells (``q_start``/``k_start`` pan), float16;
-* thumbnails are **downsampled** by max-pooling each head's T×T pattern to at most ``thumb_size²`` uint8 pixels
-  (max, not mean, so one sharp attention edge stays visible);
-* the selected query's row over all T keys, float16.
+* thumbnails are **downsampled** by max-pooling each head's T×T pattern to at most ``thumb_size²`` uint8
+  pixels, for at most ``overview_rows`` layers at a time (``overview_start`` pans);
+* the selected query's row over all T keys and a ≤ 400-bin profile of the sequence, float16.
 
 So a 512- or 4096-token prompt costs the browser the same few kilobytes per update as a 40-token one.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Mapping, Optional
 
 import anywidget
 import torch
-import torch.nn.functional as F
 import traitlets
 
-from ._base import (RecordsMixin, SnapshotMixin, blue, chips_html, esc, esm, f16_bytes, resolve_ids, snapshot_page, static_text,
-                    string_records, token_records, u8_bytes)
+from ._base import (RecordsMixin, esm, f16_bytes, resolve_ids, static_text, string_records, token_records,
+                    u8_bytes)
+from .attention_data import SCORE_NAMES, PatternStore, check_spans, pool1d
+from .snapshot import SnapshotMixin, chips_html, esc, heatmap_img, legend_html, snapshot_page
 
 _PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
+MINIMAP_BINS = 400
+SCALES = ("linear", "log", "row")
 
 
 def pattern_filter(name: str) -> bool:
@@ -36,50 +42,72 @@ def pattern_filter(name: str) -> bool:
 
 
 class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
-    """Attention patterns of one prompt, one (layer, head) at a time.
+    """Attention patterns of one prompt, one (layer, head) at a time, with an overview of every head.
 
     Example::
 
         from workbench.widgets import AttentionView
         AttentionView(model, tok, "The cat sat on the mat. The cat")          # runs the model once
         AttentionView(cache=cache, tokens=ids, tokenizer=tok, layer=2)         # from an existing run_with_cache
+        AttentionView(model, tok, long_ids, spans=[("doc 1", 1, 400), ("doc 2", 400, 900)], score_by="BOS")
 
     ``cache`` is an ``ActivationCache`` (or dict) holding ``blocks.{i}.attn.hook_pattern`` [batch head q_pos k_pos]
     for one or more layers; ``tokens`` are the ids (with ``tokenizer``) or display strings of that prompt.
+    ``spans``: ``(name, start, end)`` ranges shaded on the minimap. ``profile``: values per position [T] for the
+    minimap instead of the attention received (e.g. rows from ``attention_rows``). ``head_scores``: ``{name:
+    [n_layers n_heads]}`` to colour the overview by (default: computed from these patterns). ``signed=True``
+    shows values in [-1, 1] with a diverging map (differences; see ``CompareView``).
     """
 
     _esm = esm("attention_view.js")
     _css = static_text("widgets.css")
 
-    tokens_json = traitlets.Unicode("[]").tag(sync=True)         # one record per position, as a JSON string
+    tokens_json = traitlets.Unicode("[]").tag(sync=True)         # committed records (JSON string)
+    tail_json = traitlets.Unicode("[]").tag(sync=True)           # records from n_committed on (streaming)
+    n_committed = traitlets.Int(0).tag(sync=True)
     n_tokens = traitlets.Int(0).tag(sync=True)                   # positions with patterns (labels may run one ahead)
     layers = traitlets.List(traitlets.Int()).tag(sync=True)      # layers whose patterns are available
     n_heads = traitlets.Int(0).tag(sync=True)
     layer = traitlets.Int(0).tag(sync=True)
     head = traitlets.Int(0).tag(sync=True)
-    window = traitlets.Int(64).tag(sync=True)                    # heatmap shows at most window × window cells
+    window = traitlets.Int(48).tag(sync=True)                    # heatmap shows at most window × window cells
     q_start = traitlets.Int(0).tag(sync=True)
     k_start = traitlets.Int(0).tag(sync=True)
+    scale = traitlets.Unicode("linear").tag(sync=True)           # linear | log | row (per-row max)
+    signed = traitlets.Bool(False).tag(sync=True)
     pattern = traitlets.Bytes(b"").tag(sync=True)                # float16 [n_q n_k], row-major
     pattern_shape = traitlets.List(traitlets.Int(), [0, 0]).tag(sync=True)
-    thumbs = traitlets.Bytes(b"").tag(sync=True)                 # uint8 [head s s]
+    outside = traitlets.Bytes(b"").tag(sync=True)                # float16 [n_q 2]: weight left/right of the keys
+    thumbs = traitlets.Bytes(b"").tag(sync=True)                 # uint8 [overview layers, head, s, s]
     thumb_size = traitlets.Int(0).tag(sync=True)                 # s
+    overview_layers = traitlets.List(traitlets.Int()).tag(sync=True)
+    overview_start = traitlets.Int(0).tag(sync=True)             # index into layers of the first overview row
+    overview_rows = traitlets.Int(6).tag(sync=True)
+    head_scores_json = traitlets.Unicode("{}").tag(sync=True)    # {name: [[score per head] per layer]}
+    score_by = traitlets.Unicode("").tag(sync=True)              # "" or one of the head score names
     query = traitlets.Int(-1).tag(sync=True)                     # selected query position, -1 = none
     query_row = traitlets.Bytes(b"").tag(sync=True)              # float16 [T]: weights of `query` over all keys
+    minimap = traitlets.Bytes(b"").tag(sync=True)                # float16 [bins] profile of the whole sequence
+    minimap_label = traitlets.Unicode("").tag(sync=True)
+    spans_json = traitlets.Unicode("[]").tag(sync=True)          # [[name, start, end], ...]
 
     def __init__(self, model: Any = None, tokenizer: Any = None, text_or_ids: Any = None, *, cache: Any = None,
-                 tokens: Any = None, layer: int = 0, head: int = 0, window: int = 64, thumb_size: int = 32,
-                 batch_index: int = 0, **kwargs: Any) -> None:
+                 tokens: Any = None, layer: int = 0, head: int = 0, window: int = 48, thumb_size: int = 24,
+                 batch_index: int = 0, spans: Any = None, profile: Any = None, head_scores: Any = None,
+                 score_by: str = "", scale: str = "linear", signed: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if window < 1 or thumb_size < 1:
             raise ValueError(f"window and thumb_size must be >= 1, got window={window}, thumb_size={thumb_size}")
         self.tokenizer, self._thumb_max, self.follow = tokenizer, int(thumb_size), False
-        self._store: dict[int, torch.Tensor] = {}     # layer -> [head cap cap] float32 (rows beyond _n unused)
-        self._n = 0
+        self._data = PatternStore()
+        self._ids: Optional[torch.Tensor] = None
+        self._profile: Optional[torch.Tensor] = None
+        self._given_scores = head_scores
         self._thumbs_n = 0                             # T when the thumbnails were last computed
         self._busy = False
         with self.hold_sync():
-            self.window = int(window)
+            self.window, self.signed = int(window), bool(signed)
+            self.set_scale(scale)
             if text_or_ids is not None:
                 if model is None:
                     raise ValueError("text_or_ids given without model: pass model= (or cache= and tokens=)")
@@ -92,11 +120,15 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
             if cache is not None:
                 if tokens is None:
                     raise ValueError("cache= needs tokens= (the prompt's token ids or strings) for the axis labels")
-                self.set_patterns(cache, tokens, batch_index=batch_index)
+                self.set_patterns(cache, tokens, batch_index=batch_index, spans=spans, profile=profile)
+            if score_by and score_by not in SCORE_NAMES and score_by not in self.head_scores():
+                raise ValueError(f"score_by={score_by!r}: expected one of {sorted(self.head_scores())}")
+            self.score_by = score_by
             self._select(layer, head)
 
     # ------------------------------------------------------------------------------------------- data in
-    def set_patterns(self, cache: Mapping[str, torch.Tensor], tokens: Any, batch_index: int = 0) -> None:
+    def set_patterns(self, cache: Mapping[str, torch.Tensor], tokens: Any, batch_index: int = 0, spans: Any = None,
+                     profile: Any = None) -> None:
         """Replace everything with the patterns in ``cache`` for the prompt ``tokens``."""
         records = self._records(tokens)
         T = len(records)
@@ -118,14 +150,24 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         heads = {t.shape[0] for t in found.values()}
         if len(heads) != 1:
             raise ValueError(f"patterns have different head counts across layers: {sorted(heads)}")
-        self._store, self._n = dict(sorted(found.items())), T
+        if profile is not None:
+            profile = torch.as_tensor(profile, dtype=torch.float32).reshape(-1)
+            if profile.numel() != T:
+                raise ValueError(f"profile: expected one value per position ({T}), got {profile.numel()}")
+        spans_list = check_spans(spans, T)
+        self._data = PatternStore(found, T)
+        self._ids = torch.tensor([r["id"] for r in records]) if all(r["id"] >= 0 for r in records) else None
+        self._profile = profile
+        self._thumbs_n = 0
         with self.hold_sync():
             self.n_tokens = T
             self.tokens = records
             self.n_heads = heads.pop()
-            self.layers = list(self._store)
+            self.layers = list(self._data.layers)
+            self.spans_json = json.dumps(spans_list, ensure_ascii=False)
             self.query = -1
-            self._select(self.layer if self.layer in self._store else self.layers[0], self.head)
+            self._update_scores()
+            self._select(self.layer if self.layer in self._data.layers else self.layers[0], self.head)
 
     def _records(self, tokens: Any) -> list[dict]:
         if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
@@ -135,61 +177,72 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         records, _ = token_records(self.tokenizer, resolve_ids(self.tokenizer, tokens, "tokens"))
         return records
 
-    def _reset_layers(self, layers: list[int], n_heads: int) -> None:
-        """Start empty (used by GenerationView before the prefill)."""
-        self._store = {layer: torch.zeros(n_heads, 0, 0) for layer in layers}
-        self._n = self.n_tokens = 0
+    def reset(self, layers: list[int], n_heads: int) -> None:
+        """Start empty, for patterns that will arrive row by row (``add_rows``; GenerationView does this)."""
+        self._data = PatternStore.empty(layers, n_heads)
+        self._ids, self._profile, self._thumbs_n = None, None, 0
         with self.hold_sync():
+            self.n_tokens = 0
             self.tokens, self.n_heads, self.layers, self.query = [], n_heads, list(layers), -1
+            self.head_scores_json = "{}"
             self._select(self.layer if self.layer in layers else layers[0], min(self.head, n_heads - 1))
 
     def add_rows(self, layer: int, pattern: torch.Tensor, positions: list[int]) -> None:
-        """Store query rows ``pattern`` [head n k_pos] for absolute query ``positions`` (consecutive). The keys
-        are the last k_pos positions up to the newest query (a KV cache's view, sliding windows included)."""
-        if layer not in self._store:
-            raise ValueError(f"layer {layer} is not one of this view's layers {list(self._store)}")
-        if pattern.dim() != 3 or pattern.shape[1] != len(positions):
-            raise ValueError(f"blocks.{layer}.attn.hook_pattern: expected [head, {len(positions)}, k_pos], "
-                             f"got {tuple(pattern.shape)}")
-        q0, q1 = positions[0], positions[-1] + 1
-        if q1 - q0 != len(positions):
-            raise ValueError(f"positions must be consecutive, got {positions[:8]}")
-        k1 = q1
-        k0 = k1 - pattern.shape[2]
-        if k0 < 0:
-            raise ValueError(f"blocks.{layer}.attn.hook_pattern has {pattern.shape[2]} keys for queries up to {q1 - 1}")
-        store = self._grow(layer, k1)
-        store[:, q0:q1, :] = 0
-        store[:, q0:q1, k0:k1] = pattern.detach().to("cpu", torch.float32)
-        self._n = max(self._n, k1)
+        """Store query rows ``pattern`` [head n k_pos] for absolute query ``positions`` (consecutive); shown at
+        the next ``set_tokens``."""
+        self._data.add_rows(layer, pattern, positions)
 
-    def _grow(self, layer: int, size: int) -> torch.Tensor:
-        store = self._store[layer]
-        if store.shape[1] < size:
-            cap = max(size, 2 * store.shape[1], 16)
-            grown = torch.zeros(store.shape[0], cap, cap)
-            grown[:, : store.shape[1], : store.shape[2]] = store
-            self._store[layer] = store = grown
-        return store
-
-    def set_tokens(self, records: list[dict], encoded: str | None = None) -> None:
-        """Axis labels for the positions stored so far (GenerationView calls this every step), then redraw."""
+    def set_tokens(self, records: list[dict], changed_from: int = 0, scores: bool = False) -> None:
+        """Axis labels for the positions stored so far (GenerationView calls this once per frame), then redraw.
+        ``changed_from``: records before it are already shown (only the tail is sent)."""
         with self.hold_sync():
-            self._set_records(records, encoded)
-            self.n_tokens = self._n
+            self.stream_records(records, changed_from)
+            self._ids = torch.tensor([r["id"] for r in records]) if all(r["id"] >= 0 for r in records) else None
+            self.n_tokens = self._data.n
             if self.follow:
-                start = max(0, self._n - self.window)
+                start = max(0, self._data.n - self.window)
                 self._busy = True
                 try:
                     self.q_start, self.k_start = start, start
                 finally:
                     self._busy = False
+            if scores:
+                self._update_scores()
             self._refresh(thumbs=None)
 
+    def set_scale(self, scale: str) -> None:
+        """Colour scale: ``"linear"``, ``"log"`` or ``"row"`` (each row divided by its maximum)."""
+        if scale not in SCALES:
+            raise ValueError(f"scale={scale!r}: expected one of {SCALES}")
+        self.scale = scale
+
+    def head_scores(self) -> dict[str, torch.Tensor]:
+        """``{name: [n_layers_stored n_heads]}``: the scores the overview can be coloured by."""
+        return {k: torch.tensor(v) for k, v in json.loads(self.head_scores_json).items()}
+
+    def _update_scores(self) -> None:
+        if not self._data.layers or self._data.n == 0:
+            return
+        scores = self._data.head_scores(self._ids)
+        for name, value in (self._given_scores or {}).items():
+            value = torch.as_tensor(value, dtype=torch.float32)
+            if value.dim() != 2 or value.shape[1] != self._data.n_heads:
+                raise ValueError(f"head_scores[{name!r}]: expected [n_layers, {self._data.n_heads}], got "
+                                 f"{tuple(value.shape)}")
+            scores[str(name)] = [value[layer].tolist() for layer in self._data.layers]
+        self.head_scores_json = json.dumps(scores)
+
     # ------------------------------------------------------------------------------------------- view state
+    def select(self, layer: Optional[int] = None, head: Optional[int] = None, query: Optional[int] = None) -> None:
+        """Show (layer, head) and/or select a query position (-1: none); the window pans to the query."""
+        with self.hold_sync():
+            self._select(self.layer if layer is None else layer, self.head if head is None else head)
+            if query is not None:
+                self.query = int(query)
+
     def _select(self, layer: int, head: int) -> None:
-        if self._store and layer not in self._store:
-            raise ValueError(f"layer={layer}: patterns are available for layers {list(self._store)}")
+        if self._data.layers and layer not in self._data.layers:
+            raise ValueError(f"layer={layer}: patterns are available for layers {list(self._data.layers)}")
         if self.n_heads and not 0 <= head < self.n_heads:
             raise ValueError(f"head={head}: expected 0 <= head < {self.n_heads}")
         with self.hold_sync():
@@ -200,53 +253,90 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
                 self._busy = False
             self._refresh()
 
-    @traitlets.observe("layer", "head", "q_start", "k_start", "window", "query")
+    @traitlets.observe("layer", "head", "q_start", "k_start", "window", "query", "overview_start", "overview_rows")
     def _on_view_change(self, change: dict) -> None:
-        if self._busy or not self._store:
+        if self._busy or not self._data.layers:
             return
-        if change["name"] == "layer" and change["new"] not in self._store:  # stale value from the browser
+        if change["name"] == "layer" and change["new"] not in self._data.layers:  # stale value from the browser
             self._busy = True
-            self.layer = change["old"] if change["old"] in self._store else self.layers[0]
+            self.layer = change["old"] if change["old"] in self._data.layers else self.layers[0]
             self._busy = False
-        self._refresh(thumbs=change["name"] in ("layer",))
+        if change["name"] == "query":
+            self._pan_to(change["new"])
+        self._refresh(thumbs=change["name"] in ("overview_start", "overview_rows"))
+
+    def _pan_to(self, q: int) -> None:
+        """Move the window so that query ``q`` is inside it (centred when it was outside)."""
+        W, T = max(1, self.window), self._data.n
+        if not 0 <= q < T or self.q_start <= q < self.q_start + W:
+            return
+        start = min(max(0, q - W // 2), max(0, T - W))
+        self._busy = True
+        try:
+            self.q_start = start
+            if not self.k_start <= q < self.k_start + W:
+                self.k_start = start
+        finally:
+            self._busy = False
 
     def _refresh(self, thumbs: Optional[bool] = True) -> None:
         """Re-slice what the browser shows. ``thumbs=None`` (streaming): redo the thumbnails only once at least
-        one thumbnail pixel's worth of new rows (ceil(T / size)) arrived since the last time, so a long
-        generation does not max-pool T² values per token for a picture that cannot have changed by a pixel."""
-        if not self._store or self.layer not in self._store or self._n == 0:
+        one thumbnail pixel's worth of new rows (ceil(T / size)) arrived since the last time."""
+        data = self._data
+        if not data.layers or self.layer not in data.layers or data.n == 0:
             return
-        T, W = self._n, max(1, self.window)
-        full = self._store[self.layer]
-        head = min(max(self.head, 0), full.shape[0] - 1)
+        T, W = data.n, max(1, self.window)
+        head = min(max(self.head, 0), data.n_heads - 1)
         self._busy = True
         try:
             with self.hold_sync():
                 self.q_start = min(max(self.q_start, 0), max(0, T - W))
-                self.k_start = min(max(self.k_start, 0), max(0, T - W))
-                block = full[head, self.q_start: min(T, self.q_start + W), self.k_start: min(T, self.k_start + W)]
+                self.k_start = min(max(self.k_start, 0), max(0, T - W), self.q_start + W - 1)
+                block = data.window(self.layer, head, self.q_start, self.k_start, W)
                 self.pattern = f16_bytes(block)
                 self.pattern_shape = list(block.shape)
-                s = min(T, self._thumb_max)
-                stale = T - self._thumbs_n >= -(-T // s) or self.thumb_size != s
-                if thumbs or not self.thumbs or (thumbs is None and stale):
-                    self._thumbs_n = T
-                    pooled = F.adaptive_max_pool2d(full[:, :T, :T][None], (s, s))[0] if T else full[:, :0, :0]
-                    self.thumbs = u8_bytes(pooled)
-                    self.thumb_size = s
-                if 0 <= self.query < T:
-                    self.query_row = f16_bytes(full[head, self.query, :T])
-                else:
-                    self.query_row = b""
+                self.outside = f16_bytes(data.outside(self.layer, head, self.q_start, block.shape[0],
+                                                      self.k_start, block.shape[1]))
+                self._refresh_thumbs(thumbs)
+                self.query_row = f16_bytes(data.full(self.layer)[head, self.query]) if 0 <= self.query < T else b""
+                self._refresh_minimap(head)
         finally:
             self._busy = False
+
+    def _refresh_thumbs(self, thumbs: Optional[bool]) -> None:
+        data, T = self._data, self._data.n
+        layers = list(data.layers)
+        rows = max(1, self.overview_rows)
+        start = min(max(0, self.overview_start), max(0, len(layers) - rows))
+        if self.layer in layers and not start <= layers.index(self.layer) < start + rows:
+            start = min(layers.index(self.layer), max(0, len(layers) - rows))
+        shown = layers[start: start + rows]
+        s = min(T, self._thumb_max)
+        stale = T - self._thumbs_n >= -(-T // s) or self.thumb_size != s or shown != self.overview_layers
+        if thumbs or not self.thumbs or (thumbs is None and stale) or shown != self.overview_layers:
+            self._thumbs_n = T
+            self.overview_start = start
+            self.overview_layers = shown
+            self.thumbs = u8_bytes(data.thumbnails(shown, s, magnitude=self.signed))
+            self.thumb_size = s
+
+    def _refresh_minimap(self, head: int) -> None:
+        if self._profile is not None and not 0 <= self.query < self._data.n:
+            from_profile = self._profile[: self._data.n]
+            values = from_profile.abs().max().clamp(min=1e-12)
+            self.minimap = f16_bytes(pool1d(from_profile / values, MINIMAP_BINS))
+            self.minimap_label = "given profile (scaled to its maximum)"
+            return
+        self.minimap = f16_bytes(self._data.profile(self.layer, head, self.query, MINIMAP_BINS))
+        self.minimap_label = (f"attention of query {self.query}" if 0 <= self.query < self._data.n
+                              else "attention received per key (mean over queries)")
 
     # ------------------------------------------------------------------------------------------- data out
     def pattern_full(self, layer: Optional[int] = None, head: Optional[int] = None) -> torch.Tensor:
         """[q_pos k_pos] float32 of the stored pattern (not only the window)."""
         layer = self.layer if layer is None else layer
         head = self.head if head is None else head
-        return self._store[layer][head, : self._n, : self._n].clone()
+        return self._data.full(layer)[head].clone()
 
     def pattern_slice(self) -> torch.Tensor:
         """[n_q n_k] float32: the window the heatmap shows (before the float16 transfer)."""
@@ -254,28 +344,30 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         return self.pattern_full()[self.q_start: self.q_start + n_q, self.k_start: self.k_start + n_k]
 
     def to_html(self, full_page: bool = True) -> str:
-        """Static snapshot: the windowed heatmap as a table (escaped labels, title tooltips) and, when a query is
-        selected, the text coloured by its attention."""
+        """Static snapshot under 64 KiB: the window as one PNG (max-pooled if large; the caption says so) with
+        escaped labels, a colourbar, and, when a query is selected, the text coloured by its attention."""
         n_q, n_k = self.pattern_shape
         recs = self.tokens
         block = self.pattern_slice() if n_q and n_k else torch.zeros(0, 0)
-        rows = ["<tr><th></th>" + "".join(
-            f"<th class='wb-klabel'>{esc(recs[self.k_start + j]['text'])}</th>" for j in range(n_k)) + "</tr>"]
-        for i in range(n_q):
-            q = self.q_start + i
-            cells = "".join(
-                f"<td style='background:{blue(block[i, j])}' title='{esc(self._cell_title(q, self.k_start + j, block[i, j]))}'>"
-                "</td>" for j in range(n_k))
-            rows.append(f"<tr><th class='wb-qlabel'>{esc(recs[q]['text'])}</th>{cells}</tr>")
+        if self.scale == "row" and block.numel():
+            block = block / block.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        lo, hi = (-1.0, 1.0) if self.signed else (0.0, 1.0)
+        img, note = heatmap_img(block, 12, self.signed, f"layer {self.layer} head {self.head}") if block.numel() \
+            else ("", "")
+        labels = lambda start, n: "".join(  # noqa: E731
+            f"<span class='wb-snap-label'>{esc(recs[start + i]['text'])}</span>" for i in range(min(n, 64)))
         text = ""
-        if 0 <= self.query < self._n:
+        if 0 <= self.query < self._data.n:
             text = ("<div class='wb-attn-text'>" +
-                    chips_html(recs[: self._n], self.pattern_full()[self.query].tolist()) + "</div>")
+                    chips_html(recs[: self._data.n], self.pattern_full()[self.query].tolist(), budget=24 * 1024)
+                    + "</div>")
         body = (f"<div class='wb-root wb-snapshot'><div class='wb-head'><span class='wb-title'>layer {self.layer} "
-                f"head {self.head}</span><span class='wb-muted'>queries {self.q_start}–{self.q_start + n_q - 1}, keys "
-                f"{self.k_start}–{self.k_start + n_k - 1} of {self._n}</span></div>"
-                f"<table class='wb-heatmap'>{''.join(rows)}</table>{text}</div>")
+                f"head {self.head}</span><span class='wb-muted'>queries {self.q_start}–{self.q_start + n_q - 1}, "
+                f"keys {self.k_start}–{self.k_start + n_k - 1} of {self._data.n}</span></div>"
+                + legend_html(lo, hi, self.signed, "per-row max" if self.scale == "row" else "linear")
+                + f"<div class='wb-snap-heatwrap'>{img}</div>"
+                + (f"<div class='wb-muted wb-snap-note'>{esc(note)}</div>" if note else "")
+                + f"<div class='wb-muted wb-snap-labels'>queries: {labels(self.q_start, n_q)}</div>"
+                + f"<div class='wb-muted wb-snap-labels'>keys: {labels(self.k_start, n_k)}</div>{text}</div>")
         return snapshot_page(body, "AttentionView", full_page)
 
-    def _cell_title(self, q: int, k: int, w: Any) -> str:
-        return f"query {q} {self.tokens[q]['text']!r} → key {k} {self.tokens[k]['text']!r}: {float(w):.3f}"

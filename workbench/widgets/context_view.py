@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import anywidget
 import traitlets
 
-from ._base import SnapshotMixin, esc, snapshot_page, static_text
+from ._base import static_text
+from .snapshot import SnapshotMixin, esc, snapshot_page
 
 
 def _results(results: Any) -> list:

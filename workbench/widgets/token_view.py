@@ -3,6 +3,8 @@
 Chips show the readable token text (space ``·``, newline ``↵``, tab ``→``; bytes that are not UTF-8 on their own
 as ``<0xEC>``, with the character they help spell underneath), the id, and on hover the exact bytes in hex and
 the character span. Special tokens (``<BOS_TOKEN>``) are styled, never parsed: the text goes in via textContent.
+Zero-width characters are named (``⟨ZWJ⟩``). The strip has a maximum height and scrolls; the selected token
+(``selected``, linked with the other views by ``link_selection``) is scrolled into sight.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any, Sequence
 import anywidget
 import traitlets
 
-from ._base import (RecordCache, RecordsMixin, SnapshotMixin, chips_html, esm, resolve_ids, snapshot_page, static_text,
-                    string_records)
+from ._base import RecordCache, RecordsMixin, esm, resolve_ids, static_text, string_records
+from .snapshot import SnapshotMixin, chips_html, snapshot_page
 
 
 class TokenView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
@@ -31,8 +33,13 @@ class TokenView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
     _esm = esm("token_view.js")
     _css = static_text("widgets.css")
 
-    tokens_json = traitlets.Unicode("[]").tag(sync=True)      # records (see _base.token_records) as one JSON string
-    text = traitlets.Unicode("").tag(sync=True)                # decoded text the spans index into
+    tokens_json = traitlets.Unicode("[]").tag(sync=True)      # committed records (see _base.token_records), JSON
+    tail_json = traitlets.Unicode("[]").tag(sync=True)        # records from n_committed on (streaming), JSON
+    n_committed = traitlets.Int(0).tag(sync=True)
+    text = traitlets.Unicode("")                               # decoded text the spans index into (kernel only)
+    frame = traitlets.Int(0).tag(sync=True)                    # streaming: number of the frame sent (the page
+                                                               # answers {"rendered": n} once it has drawn it)
+    frame_time = traitlets.Float(0.0).tag(sync=True)           # time.time() when that frame was sent
     title = traitlets.Unicode("").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)                # token index clicked in the browser (-1: none)
 
@@ -54,13 +61,19 @@ class TokenView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         return list(self._ids)
 
     def set_ids(self, ids: Any) -> None:
-        """Show these token ids instead (one message to the browser)."""
+        """Show these token ids instead (one message to the browser; only the changed tail when ``ids``
+        extends what is shown)."""
         ids = resolve_ids(self.tokenizer, ids, "ids")
         records = self._cache.update(ids)
-        self._ids = ids
+        self.show_records(records, self._cache.text, ids, self._cache.changed_from)
+
+    def show_records(self, records: list[dict], text: str, ids: Sequence[int], changed_from: int = 0) -> None:
+        """Show precomputed records (``RecordCache.update``) of ``ids``; records before ``changed_from`` are
+        the ones already shown, so only the tail travels."""
+        self._ids = [int(i) for i in ids]
         with self.hold_sync():
-            self.text = self._cache.text
-            self.tokens = records
+            self.text = text
+            self.stream_records(records, changed_from)
 
     def append_ids(self, ids: Sequence[int]) -> None:
         """Add tokens at the end (streaming). Spans are recomputed over the whole sequence, because a character
