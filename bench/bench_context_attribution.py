@@ -67,9 +67,30 @@ def examples(n: int, n_docs: int, seed: int) -> list:
     return out
 
 
-def naive_loo(model, tok, ex) -> tuple[torch.Tensor, float]:
+SHORT = ("{{ bos_token }}{% for d in documents %}Document: {{ loop.index0 }}\n{% for k, v in d.items() %}{{ k }}: {{ v }}\n"
+         "{% endfor %}{% endfor %}Question: {{ messages[-1]['content'] }}\nAnswer:")
+
+
+def copy_examples(n: int, n_docs: int, seed: int) -> list:
+    """Documents of six random words; the reply repeats one document's words (the tiny model copies them by
+    induction, so its reply really depends on that document). Used with the short template ``SHORT``."""
+    import random
+
+    from tiny_data import NAMES, WORDS
+
+    r, out = random.Random(seed), []
+    for _ in range(n):
+        names = [r.choice(NAMES) + str(i) for i in range(n_docs)]
+        docs = [{"title": f"{name}'s words", "text": " ".join(r.sample(WORDS, 6)) + "."} for name in names]
+        k = r.randrange(n_docs)
+        out.append({"messages": [{"role": "user", "content": f"What are {names[k]}'s words?"}], "documents": docs,
+                    "response": " " + docs[k]["text"], "sources": [k]})
+    return out
+
+
+def naive_loo(model, tok, ex, template: dict) -> tuple[torch.Tensor, float]:
     """Leave-one-out without the shared prefix or batching: every ablated prompt re-run in full."""
-    p = rag_prompt(tok, ex["messages"], ex["documents"])
+    p = rag_prompt(tok, ex["messages"], ex["documents"], **template)
     reply = tok.encode(ex["response"], add_special_tokens=False)
 
     def logprob(ids):
@@ -96,8 +117,8 @@ class ContextCiteRun:
         self.hf_tok.padding_side = "left"
         self.ContextCiter, self.Base = ContextCiter, BaseContextPartitioner
 
-    def scores(self, tok, ex, k: int) -> tuple[torch.Tensor, float]:
-        p = rag_prompt(tok, ex["messages"], ex["documents"])
+    def scores(self, tok, ex, k: int, template: dict) -> tuple[torch.Tensor, float]:
+        p = rag_prompt(tok, ex["messages"], ex["documents"], **template)
         blocks = [(r.char_start, r.char_end) for r in p.ranges]
         text = p.text
         Base = self.Base
@@ -142,6 +163,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
+    ap.add_argument("--task", choices=["rag", "copy"], default="rag",
+                    help="rag: synthetic grounded questions in the rag template; copy: replies that copy one "
+                         "document's words, in a short template without the rag preamble")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = resolve_model_path("command-r-tiny")
@@ -163,16 +187,18 @@ def main() -> None:
         r["source_first"] += int(scores.argmax()) == source
         r["n"] += 1
 
-    for ex in examples(args.examples, args.docs, args.seed):
-        kw = dict(response=ex["response"], spans="all")
+    template = {"chat_template": SHORT} if args.task == "copy" else {}
+    cases = (copy_examples if args.task == "copy" else examples)(args.examples, args.docs, args.seed)
+    for ex in cases:
+        kw = dict(response=ex["response"], spans="all", **template)
         src = ex["sources"][0]
-        n_tok = len(rag_prompt(tok, ex["messages"], ex["documents"]).ids) + len(tok.encode(ex["response"], add_special_tokens=False))
+        n_tok = len(rag_prompt(tok, ex["messages"], ex["documents"], **template).ids) + len(tok.encode(ex["response"], add_special_tokens=False))
         t0 = time.perf_counter()
         exact = context_attribution(model, tok, ex["messages"], ex["documents"], **kw)
         t_exact = time.perf_counter() - t0
         e = exact.scores[0]
         add("leave-one-out (ours: shared prefix, batched)", e, e, src, t_exact, exact.details["forward_equivalents"])
-        naive, t_naive = naive_loo(model, tok, ex)
+        naive, t_naive = naive_loo(model, tok, ex, template)
         add("leave-one-out (naive: each prompt alone)", naive, e, src, t_naive, len(ex["documents"]) + 1)
         for k in args.ablations:
             t0 = time.perf_counter()
@@ -180,7 +206,7 @@ def main() -> None:
             add(f"ours, {k} random subsets + Lasso", res.scores[0], e, src, time.perf_counter() - t0,
                 res.details["forward_equivalents"])
             if cc is not None:
-                w, t = cc.scores(tok, ex, k)
+                w, t = cc.scores(tok, ex, k, template)
                 add(f"ContextCite, num_ablations={k}", w, e, src, t, float(k))
         for m in ("attention", "gradient"):
             t0 = time.perf_counter()
@@ -188,7 +214,7 @@ def main() -> None:
             add(f"{m}", res.scores[0], e, src, time.perf_counter() - t0, res.details["forward_equivalents"])
         print(f"done: {len(ex['documents'])} documents, {n_tok} tokens", flush=True)
 
-    print(f"\n{machine_line()}\n{args.examples} conversations x {args.docs} documents, whole reply as one span, "
+    print(f"\n{machine_line()}\ntask {args.task}: {args.examples} conversations x {args.docs} documents, whole reply as one span, "
           f"threads {args.threads}\n")
     print(f"| method | seconds / conversation | forward-equivalents | Spearman vs exact LOO | top-1 = LOO's | source first |")
     print("|---|---|---|---|---|---|")

@@ -213,13 +213,13 @@ def test_multi_sentence_spans_shapes_and_citations(model, tok):
 def test_generated_reply_and_given_spans(model, tok):
     ex = held_out(1, "single")[0]
     res = context_attribution(model, tok, ex["messages"], ex["documents"], method="attention",
-                              spans=["Grounded answer"], max_new_tokens=90)
+                              spans=[(0, 4)], max_new_tokens=90)
     ids = tok.apply_chat_template(ex["messages"], documents=ex["documents"], chat_template="rag",
                                   add_generation_prompt=True)
     out = model.generate(torch.tensor([ids]), max_new_tokens=90, do_sample=False, eos_token_id=tok.eos_token_id)
     new = out[0, len(ids):].tolist()
     assert res.response_ids == new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
-    assert res.spans[0].text == "Grounded answer" and res.prompt_ids == ids
+    assert res.spans[0].text == res.response[:4] and res.spans[0].token_start == 0 and res.prompt_ids == ids
 
 
 # ------------------------------------------------------------------------------------------- real tokenizer
