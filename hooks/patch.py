@@ -23,22 +23,18 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .ablate import Index, _lookup, head_axis, replace
+from workbench.hook_names import act_name, head_axis
 
-_BLOCK = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-_ATTN = ("q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")
-_MLP = ("pre", "pre_linear", "post")
+from .ablate import Index, lookup, replace
 
 
 def hook_name(kind: str, layer: int) -> str:
-    """``("z", 3)`` -> ``"blocks.3.attn.hook_z"``; ``("resid_pre", 0)`` -> ``"blocks.0.hook_resid_pre"``."""
-    if kind in _BLOCK:
-        return f"blocks.{layer}.hook_{kind}"
-    if kind in _ATTN:
-        return f"blocks.{layer}.attn.hook_{kind}"
-    if kind in _MLP:
-        return f"blocks.{layer}.mlp.hook_{kind}"
-    raise ValueError(f"kind: unknown activation {kind!r}; expected one of {_BLOCK + _ATTN + _MLP}")
+    """``("z", 3)`` -> ``"blocks.3.attn.hook_z"``; ``("resid_pre", 0)`` -> ``"blocks.0.hook_resid_pre"``.
+
+    The hook vocabulary's ``act_name`` for a block hook (a ValueError names the known kinds)."""
+    if layer is None:
+        raise ValueError(f"kind {kind!r}: patching needs a layer")
+    return act_name(kind, layer)
 
 
 def patch_from(clean, heads: Index = None, positions: Index = None):
@@ -51,7 +47,7 @@ def patch_from(clean, heads: Index = None, positions: Index = None):
         fwd = [("blocks.1.attn.hook_z", patch_from(clean, heads=[2], positions=[5]))]
     """
     def fn(x: torch.Tensor, hook) -> torch.Tensor:
-        src = _lookup(clean, hook)
+        src = lookup(clean, hook)
         if src.shape != x.shape:
             raise ValueError(f"{hook.name}: clean activation {tuple(src.shape)} does not match the corrupted "
                              f"{tuple(x.shape)}; clean and corrupted prompts need the same shape")

@@ -1,7 +1,7 @@
 """HookedCommandR: Cohere's Command-R family as a hookable einops model, the same function as
 transformers' ``CohereForCausalLM`` / ``Cohere2ForCausalLM`` (bit-exact on the explicit attention path).
 
-How Command-R differs from Llama (each is a bit-exactness trap; see ../shared/docs/cohere-spec.md)::
+How Command-R differs from Llama (each is a bit-exactness trap)::
 
     x ──┬──────────────────────────────────────────────(+)──(+)──> x'      parallel block:
         └─ ln1 (LayerNorm, fp32 incl. weight, no bias) ─┬─ attn ─┘    │     ONE norm feeds both
@@ -35,31 +35,17 @@ from einops import rearrange
 from torch import nn
 
 from .config import CommandRConfig
-from .hook_points import HookedRootModule, HookPoint
+from .deferred_results import DEFERRED_HOOKS
+from .generation import generate as generate_tokens
+from .hook_points import HookedRootModule, HookPoint, begin_forward
+from .hook_table import hook_table as build_hook_table
+from .loading import init_random, load_pretrained
+from .norms import layer_norm_fp32
+from .offload import execution_device
+from .saving import save_pretrained as save_checkpoint
+from .weights import dense_weight, heads_of_o_proj
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_hook: Optional[HookPoint] = None):
-    """Cohere's LayerNorm with exactly the reference's ops: fp32 throughout, weight multiply in fp32."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    mean = x.mean(-1, keepdim=True)
-    centred = x - mean
-    var = centred.pow(2).mean(-1, keepdim=True)
-    inv = torch.rsqrt(var + eps)
-    if scale_hook is not None and scale_hook.has_hooks:
-        scale = torch.sqrt(var + eps)                      # [batch pos 1], float32
-        before = scale.detach().clone()                    # detects in-place edits by a hook
-        hooked = scale_hook(scale)
-        if hooked is not scale or not torch.equal(scale.detach(), before):
-            inv = hooked.reciprocal()                      # replaced (e.g. frozen) or edited divisor
-        elif scale_hook._bwd and torch.is_grad_enabled() and scale.requires_grad:
-            r = scale.reciprocal()
-            inv = inv.detach() + (r - r.detach())          # same value bit for bit; gradient via hook_scale
-    y = centred * inv
-    y = weight.to(torch.float32) * y
-    return y.to(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -153,8 +139,8 @@ class Attention(nn.Module):
 
     @property
     def W_O(self) -> torch.Tensor:
-        """[head d_head d_model] view of o_proj: head j writes z_j @ W_O[j]."""
-        return rearrange(self.o_proj.weight, "m (h d) -> h d m", h=self.n_heads)
+        """[head d_head d_model] view of o_proj (dequantized if bitsandbytes packed it): head j writes z_j @ W_O[j]."""
+        return heads_of_o_proj(dense_weight(self.o_proj), self.n_heads)
 
     def needs_explicit(self) -> bool:
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
@@ -361,6 +347,8 @@ class HookedCommandR(HookedRootModule):
         cache["pattern", 0].shape        # [batch head q_pos k_pos]
     """
 
+    deferred_hooks = DEFERRED_HOOKS               # per-head results a cache computes after the forward
+
     def __init__(self, cfg: CommandRConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -393,7 +381,7 @@ class HookedCommandR(HookedRootModule):
         n_new = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + n_new, device=input_ids.device)[None]
-        self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
+        begin_forward(position_ids, past_len)     # hook.ctx of this forward (per call, per thread)
         x = self.hook_embed(self.embed(input_ids))
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
@@ -447,8 +435,6 @@ class HookedCommandR(HookedRootModule):
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embedding's (execution) device, also under accelerate offload."""
-        from .offload import execution_device
-
         return execution_device(self)
 
     @property
@@ -461,33 +447,23 @@ class HookedCommandR(HookedRootModule):
 
     def hook_table(self, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
         """Every hook name with its shape and dtype for a [batch, pos] input, without running."""
-        from .hook_table import hook_table
-
-        return hook_table(self, batch, pos, k_pos)
+        return build_hook_table(self, batch, pos, k_pos)
 
     @classmethod
     def from_config(cls, cfg: CommandRConfig, dtype=None, device=None, seed: Optional[int] = None):
         """A randomly initialised model (normal(0, 0.02) weights, unit norms) for tests and planning."""
-        from .loading import init_random
-
         return init_random(cls(cfg) if device != "meta" else _on_meta(cls, cfg), dtype=dtype, seed=seed)
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs) -> "HookedCommandR":
         """Load a checkpoint folder in the Hugging Face layout (see ``workbench.loading``)."""
-        from .loading import load_pretrained
-
         return load_pretrained(cls, path, *args, **kwargs)
 
     def save_pretrained(self, path, **kwargs) -> None:
-        from .loading import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
+        save_checkpoint(self, path, **kwargs)
 
     def generate(self, input_ids, *args, **kwargs) -> torch.Tensor:
-        from .generation import generate
-
-        return generate(self, input_ids, *args, **kwargs)
+        return generate_tokens(self, input_ids, *args, **kwargs)
 
 
 def _on_meta(cls, cfg):

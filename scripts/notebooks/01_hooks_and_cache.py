@@ -18,16 +18,11 @@ MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models
 import torch
 import torch.nn.functional as F
 
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
+from workbench import setup_notebook
 from workbench.hook_table import format_hook_table
-from workbench.loading import resolve_model_path
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-# float32 for a small model (exact and fast on a CPU); a real checkpoint in its own dtype over the GPUs
-model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
-cfg = model.cfg
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
 print(ids.shape, "|", tok.decode(ids[0]))

@@ -24,17 +24,12 @@ MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models
 # %%
 import torch
 
-from workbench import HookedCommandR, Tokenizer
+from workbench import setup_notebook
 from workbench.analysis import context_attribution
 from workbench.analysis.rag_spans import rag_prompt
-from workbench.loading import resolve_model_path
-from workbench.config import CommandRConfig
 from workbench.widgets import ContextView
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-model = HookedCommandR.from_pretrained(MODEL, **({"dtype": torch.float32} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
+model, tok, cfg = setup_notebook(MODEL)
 
 # %% [markdown]
 # ## The `rag` template with documents

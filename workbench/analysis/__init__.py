@@ -8,10 +8,14 @@ Example::
     induction_scores(model)                              # [n_layers n_heads]
     context_attribution(model, tok, messages, documents)  # which document drove each span of a rag reply
 
-Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``stack_head_results``,
-``apply_ln_to_stack``, ``logit_attrs``, ``save``/``load``) are methods of ``ActivationCache``.
+Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``head_results``,
+``stack_head_results``, ``apply_ln_to_stack``, ``logit_attrs``) are functions of a cache, defined in
+``workbench.cache_analysis`` (below the cache, so the cache can offer them as methods too) and
+re-exported here.
 """
 
+from ..cache_analysis import (accumulated_resid, apply_ln_to_stack, decompose_resid, head_results, logit_attrs,
+                              stack_head_results)
 from .attribution import LogitAttribution, direct_logit_attribution
 from .context_attribution import ContextAttribution, context_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
@@ -19,6 +23,7 @@ from .head_scores import (duplicate_token_scores, induction_scores, pattern_scor
 from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 
 __all__ = [
+    "accumulated_resid", "apply_ln_to_stack", "decompose_resid", "head_results", "logit_attrs", "stack_head_results",
     "ContextAttribution", "LogitAttribution", "LogitLens", "context_attribution", "direct_logit_attribution",
     "duplicate_token_scores", "induction_scores", "lens_logits", "lens_resid_names", "lens_top", "logit_lens",
     "pattern_scores", "previous_occurrence", "previous_token_scores", "repeated_random_tokens",

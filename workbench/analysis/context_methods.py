@@ -27,13 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..hook_names import act_name
 from ..kv_cache import KVCache
-
-
-def hook_name(kind: str, layer: int | None = None) -> str:
-    """Hook name for ``kind`` ("hook_embed", "attn.hook_pattern", ...) in block ``layer``.
-    Local stand-in for the shared hook vocabulary module (``act_name``) until it lands."""
-    return kind if layer is None else f"blocks.{layer}.{kind}"
 
 
 def span_token_mask(spans: list, n_response: int) -> torch.Tensor:
@@ -210,7 +205,7 @@ def attention_to_ranges(model, ids: list, query_ranges: list, key_ranges: list) 
 
     with torch.no_grad():
         model.run_with_hooks(torch.tensor([ids], device=device),
-                             fwd_hooks=[(hook_name("attn.hook_pattern", i), keep) for i in range(L)])
+                             fwd_hooks=[(act_name("pattern", i), keep) for i in range(L)])
     return out
 
 
@@ -240,7 +235,7 @@ def gradient_scores(model, prompt, response_ids: list, spans: list) -> tuple[tor
         return store["x"]
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(ids, fwd_hooks=[(hook_name("hook_embed"), leaf)])
+        logits = model.run_with_hooks(ids, fwd_hooks=[(act_name("embed"), leaf)])
         lp = response_logprobs(logits[:, P - 1:], response)               # [span n_response]
         total = (lp * span_token_mask(spans, R).to(device)).sum()
         (grad,) = torch.autograd.grad(total, store["x"])
