@@ -168,7 +168,7 @@ def test_ablation_finds_the_document_a_copied_reply_depends_on(model, tok):
     assert hits >= 8, f"source first in {hits}/10"
 
 
-RAG_SHORTFALL = ("the bundled command-r-tiny was not fine-tuned to the grounded-answering bar (see MODEL_CARD.md): "
+RAG_SHORTFALL = ("the bundled command-r-tiny was not fine-tuned to the grounded-answering bar (see scripts/train_tiny_rag.py): "
                  "it does not read the documents of a rag prompt, so no method can single out the source; passes "
                  "once a checkpoint that meets the bar is bundled")
 
