@@ -45,6 +45,10 @@ def child(mode: str, n: int, ckpt: str) -> dict:
         warm = lambda: model(ids[:, :64])                                                # noqa: E731
     else:
         from workbench import HookedCommandR
+        try:
+            from workbench.hook_names import act_name
+        except ImportError:                          # --compare-repo: a checkout older than the vocabulary
+            act_name = lambda kind, layer: f"blocks.{layer}.attn.hook_{kind}"          # noqa: E731
 
         if mode in ("ours_rows16", "ours_spans_all"):
             from workbench.analysis import attention_rows, attention_to_spans
@@ -55,7 +59,7 @@ def child(mode: str, n: int, ckpt: str) -> dict:
         elif mode == "ours_hooked_pattern":
             kept = []
             run = lambda: model.run_with_hooks(                                          # noqa: E731
-                ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: kept.append(x))])
+                ids, fwd_hooks=[(act_name("pattern", 0), lambda x, hook: kept.append(x))])
         elif mode == "ours_rows16":
             run = lambda: attention_rows(model, ids, queries=list(range(-16, 0)))       # noqa: E731
         elif mode == "ours_spans_all":

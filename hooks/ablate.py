@@ -23,26 +23,16 @@ from typing import Iterable, Optional, Union
 import torch
 
 from workbench.activation_cache import ActivationCache
+from workbench.hook_names import act_name, head_axis, pos_axis
 
 from .record import accumulate
 
-_HEAD_AXIS = {"hook_pattern": 1, "hook_attn_scores": 1, "hook_q": 2, "hook_k": 2, "hook_v": 2,
-              "hook_q_normed": 2, "hook_k_normed": 2, "hook_rot_q": 2, "hook_rot_k": 2, "hook_z": 2,
-              "hook_result": 2}
 Index = Union[None, int, Iterable[int], torch.Tensor]
+__all__ = ["Index", "ablate_heads", "compute_means", "head_axis", "lookup", "to_index", "mean_ablate", "pos_axis",
+           "query_positions", "replace", "resample_ablate", "selection_mask", "zero_ablate"]
 
 
-def head_axis(name: str) -> Optional[int]:
-    """Axis holding heads for hook ``name`` (None if it has none)."""
-    return _HEAD_AXIS.get(name.rsplit(".", 1)[-1])
-
-
-def pos_axis(name: str) -> int:
-    """Axis holding this forward's (query) positions for hook ``name``."""
-    return 2 if head_axis(name) == 1 else 1
-
-
-def _index(values: Index, what: str) -> Optional[torch.Tensor]:
+def to_index(values: Index, what: str) -> Optional[torch.Tensor]:
     """None, an int, an iterable of ints or an integer tensor -> LongTensor [n] of non-negative indices."""
     if values is None:
         return None
@@ -73,7 +63,7 @@ def selection_mask(x: torch.Tensor, hook, heads: Index = None, positions: Index 
     mask = None
     if positions is not None:
         pa = pos_axis(hook.name)
-        want = _index(positions, "positions").to(x.device)
+        want = to_index(positions, "positions").to(x.device)
         pm = torch.isin(query_positions(hook, x.shape[pa], x.device), want)        # [batch|1 pos]
         shape = [1] * x.dim()
         shape[0], shape[pa] = pm.shape[0], pm.shape[1]
@@ -83,7 +73,7 @@ def selection_mask(x: torch.Tensor, hook, heads: Index = None, positions: Index 
         if ha is None:
             raise ValueError(f"heads= given but {hook.name!r} has no head axis; use hook_z, hook_pattern, "
                              "hook_result, hook_q/k/v")
-        idx = _index(heads, "heads")
+        idx = to_index(heads, "heads")
         if (idx >= x.shape[ha]).any():
             raise ValueError(f"heads: {idx.tolist()} out of range for {hook.name!r} with {x.shape[ha]} heads")
         hm = torch.zeros(x.shape[ha], dtype=torch.bool, device=x.device)
@@ -109,7 +99,7 @@ def replace(x: torch.Tensor, new: torch.Tensor, hook, heads: Index = None, posit
     return torch.where(mask, new, x)
 
 
-def _lookup(source, hook) -> torch.Tensor:
+def lookup(source, hook) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source
     try:
@@ -157,10 +147,10 @@ def mean_ablate(means, heads: Index = None, positions: Index = None, over: str =
     def fn(x: torch.Tensor, hook) -> torch.Tensor:
         if isinstance(means, ActivationCache):
             if hook.name not in memo:
-                memo[hook.name] = _mean_of(_lookup(means, hook), hook.name, over)
+                memo[hook.name] = _mean_of(lookup(means, hook), hook.name, over)
             m = memo[hook.name]
         else:
-            m = _lookup(means, hook)
+            m = lookup(means, hook)
         return replace(x, m, hook, heads, positions)
 
     return fn
@@ -208,7 +198,7 @@ def resample_ablate(source, heads: Index = None, positions: Index = None,
         model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", resample_ablate(other, heads=[1], generator=g))])
     """
     def fn(x: torch.Tensor, hook) -> torch.Tensor:
-        src = _lookup(source, hook)
+        src = lookup(source, hook)
         if generator is not None:
             rows = torch.randint(0, src.shape[0], (x.shape[0],), generator=generator)
         elif src.shape[0] in (1, x.shape[0]):
@@ -230,7 +220,7 @@ def ablate_heads(heads, how: str = "zero", source=None, hook: str = "z", positio
     """``[(name, fn)]`` ablating attention heads: ``heads`` is ``{layer: [head, ...]}`` or ``[(layer, head), ...]``.
 
     ``how``: "zero", "mean" (``source`` = cache/dict of means) or "resample" (``source`` = cache);
-    ``hook``: "z" (default), "pattern", "result", "q", "v", ... on ``blocks.{layer}.attn``.
+    ``hook``: "z" (default), "pattern", "result", "q", "v", ... of each layer's attention.
 
     Example::
 
@@ -254,5 +244,9 @@ def ablate_heads(heads, how: str = "zero", source=None, hook: str = "z", positio
             fn = mean_ablate(source, heads=hs, positions=positions)
         else:
             fn = resample_ablate(source, heads=hs, positions=positions, generator=generator)
-        pairs.append((f"blocks.{layer}.attn.hook_{hook}", fn))
+        pairs.append((act_name(hook, layer, "attn"), fn))
     return pairs
+
+
+# The names these helpers had before they were public, for code written against them (e.g. other branches).
+_index, _lookup = to_index, lookup

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .ablate import Index, _index
+from workbench.hook_names import act_name
+
+from .ablate import Index, to_index
 
 
 def knockout(queries: Index = None, keys: Index = None, heads: Index = None):
@@ -34,7 +36,7 @@ def knockout(queries: Index = None, keys: Index = None, heads: Index = None):
 
         fwd = [("blocks.1.attn.hook_attn_scores", knockout(queries=[7], keys=[2, 3], heads=[0]))]
     """
-    q_want, k_want, h_want = _index(queries, "queries"), _index(keys, "keys"), _index(heads, "heads")
+    q_want, k_want, h_want = to_index(queries, "queries"), to_index(keys, "keys"), to_index(heads, "heads")
 
     def fn(scores: torch.Tensor, hook) -> torch.Tensor:      # [batch head q_pos k_pos]
         if not hook.name.endswith("hook_attn_scores"):
@@ -74,4 +76,4 @@ def knockout_hooks(layers, queries: Index = None, keys: Index = None, heads: Ind
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     fn = knockout(queries, keys, heads)
-    return [(f"blocks.{layer}.attn.hook_attn_scores", fn) for layer in layers]
+    return [(act_name("attn_scores", layer), fn) for layer in layers]

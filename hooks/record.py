@@ -24,6 +24,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from workbench.activation_cache import ActivationCache
+from workbench.hook_names import act_name
 from workbench.hook_points import StopForward
 
 Names = Union[str, list, tuple, set, Callable[[str], bool]]
@@ -157,7 +158,7 @@ def stop_after(layer_or_name: Union[int, str]) -> list:
     """
     if isinstance(layer_or_name, bool) or not isinstance(layer_or_name, (int, str)):
         raise TypeError(f"stop_after: expected a layer index or a hook name, got {layer_or_name!r}")
-    name = f"blocks.{layer_or_name}.hook_resid_post" if isinstance(layer_or_name, int) else layer_or_name
+    name = act_name("resid_post", layer_or_name) if isinstance(layer_or_name, int) else layer_or_name
     return [(name, _stop)]
 
 

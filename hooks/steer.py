@@ -21,7 +21,9 @@ from typing import Optional, Union
 
 import torch
 
-from .ablate import Index, _index, query_positions
+from workbench.hook_names import act_name
+
+from .ablate import Index, to_index, query_positions
 
 _WHERE = ("all", "prompt", "new")
 
@@ -46,7 +48,7 @@ def active(x: torch.Tensor, hook, where: str = "all", positions: Index = None):
         return True
     if x.dim() < 3:
         raise ValueError(f"{hook.name}: positions= needs a [batch pos ... d_model] activation, got {tuple(x.shape)}")
-    pm = torch.isin(query_positions(hook, x.shape[1], x.device), _index(positions, "positions").to(x.device))
+    pm = torch.isin(query_positions(hook, x.shape[1], x.device), to_index(positions, "positions").to(x.device))
     return pm.reshape(pm.shape + (1,) * (x.dim() - 2))
 
 
@@ -137,4 +139,4 @@ def steer(layers: Union[int, list], direction: torch.Tensor, coeff: float = 1.0,
     else:
         raise ValueError(f"mode: expected 'add', 'scale' or 'project', got {mode!r}")
     layers = [layers] if isinstance(layers, int) else list(layers)
-    return [(f"blocks.{layer}.hook_{hook}", fn) for layer in layers]
+    return [(act_name(hook, layer), fn) for layer in layers]

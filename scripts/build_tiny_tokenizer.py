@@ -1,6 +1,6 @@
 """Build the tokenizer files of ``command-r-tiny``: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
 
-The pipeline is Command-R's (see shared/docs/cohere-spec.md §7): NFC normaliser; pre-tokenizer
+The pipeline is Command-R's (as in its tokenizer.json): NFC normaliser; pre-tokenizer
 ``Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]``;
 byte-level BPE whose initial alphabet is all 256 byte symbols (so any text encodes, no ``<UNK>``);
 ByteLevel decoder; ``<BOS_TOKEN> $A`` post-processor. Ids 0-7 are the same control tokens as in

@@ -47,7 +47,9 @@ def load_reference(path, dtype=torch.float32, attn="eager"):
 
 
 def reference_residuals(ref, input_ids, **kwargs):
-    """[resid_pre of every layer] + [resid_post of the last layer] from the reference (spec §4.20)."""
+    """[resid_pre of every layer] + [resid_post of the last layer] from the reference: its hidden_states
+    give each layer's input, but their last entry is after the final norm, so the last layer's output
+    is taken from the final norm's input."""
     captured = {}
     handle = ref.model.norm.register_forward_pre_hook(lambda mod, args: captured.__setitem__("last", args[0]))
     try:

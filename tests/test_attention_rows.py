@@ -14,6 +14,7 @@ from workbench import HookedCommandR
 from workbench.attention_ops import mask_rows, pattern_rows
 from workbench.analysis import AttentionRecorder, attention_rows, attention_to_spans, spans_from_chat
 from workbench.config import CommandRConfig
+from workbench.hook_names import act_name
 from workbench.kv_cache import KVCache
 from workbench.model import repeat_kv
 
@@ -113,7 +114,7 @@ def test_cached_generation_rows(name):
     for step, (rows, acts) in enumerate(zip(rec.steps, patterns)):
         for layer in range(model.cfg.n_layers):
             got = rows[layer]
-            kept = acts[f"blocks.{layer}.attn.hook_pattern"][:, :, -1:]     # over the keys the cache kept
+            kept = acts[act_name("pattern", layer)][:, :, -1:]     # over the keys the cache kept
             total = 9 + step
             assert got.shape == (2, 4, 1, total)
             assert torch.equal(got[..., total - kept.shape[-1]:], kept), (step, layer)
@@ -204,6 +205,7 @@ _CHILD = textwrap.dedent("""
     from workbench import HookedCommandR
     from workbench.analysis import attention_rows
     from workbench.config import CommandRConfig
+    from workbench.hook_names import act_name
 
     mode, n = sys.argv[1], int(sys.argv[2])
     cfg = CommandRConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=2, d_mlp=128)
@@ -228,7 +230,7 @@ _CHILD = textwrap.dedent("""
         elif mode == "rows":
             kept.append(attention_rows(model, ids, queries=list(range(-16, 0))))
         elif mode == "pattern":
-            model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: kept.append(x))])
+            model.run_with_hooks(ids, fwd_hooks=[(act_name("pattern", 0), lambda x, hook: kept.append(x))])
     peak = status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"increase": peak - before}))
 """)

@@ -11,7 +11,6 @@ import gzip
 import json
 import os
 import sys
-import types
 import unicodedata
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import workbench.tokenizer as tokenizer_module
 from workbench.tokenizer import TokenPiece, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the network, transformers included
@@ -177,7 +177,7 @@ def test_right_padding_and_single_text(tok, hf):
 
 
 def test_skip_special_tokens_follows_config_flags(tmp_path):
-    """A checkpoint's tokenizer_config.json may flip special flags (spec §7.2); transformers honours them."""
+    """A checkpoint's tokenizer_config.json may flip special flags (added_tokens_decoder); transformers honours them."""
     folder = _require(COMMAND_R)
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     added = json.loads(gzip.decompress((folder / "tokenizer.json.gz").read_bytes()))["added_tokens"]
@@ -302,9 +302,8 @@ def test_broken_files_are_named(tmp_path):
 
 def test_bundled_name_goes_through_the_resolver(monkeypatch):
     folder = _require(COMMAND_A)
-    fake = types.ModuleType("workbench.bundled")
-    fake.resolve_model_path = lambda name: folder if name == "command-r-tiny" else (_ for _ in ()).throw(KeyError(name))
-    monkeypatch.setitem(sys.modules, "workbench.bundled", fake)
+    fake = lambda name: folder if name == "command-r-tiny" else (_ for _ in ()).throw(KeyError(name))  # noqa: E731
+    monkeypatch.setattr(tokenizer_module, "resolve_model_path", fake)   # the bundled resolver the tokenizer uses
     assert len(Tokenizer.from_pretrained("command-r-tiny")) == 255033
     with pytest.raises(FileNotFoundError, match="nonexistent-model"):
         Tokenizer.from_pretrained("nonexistent-model")

@@ -12,32 +12,20 @@ Example::
 
 from .activation_cache import ActivationCache, CacheMismatchError
 from .config import CommandRConfig, ConfigError
+from .generation import TextStreamer, generate_text
+from .hook_names import act_name, get_act_name
 from .hook_points import HookContext, HookError, HookPoint, StopForward
+from .hook_table import format_hook_table
+from .kv_cache import KVCache
+from .memory import estimate_memory
 from .model import HookedCommandR
-
-# Heavier or optional parts load on first use (module name, attribute).
-_LAZY = {
-    "Tokenizer": ("tokenizer", "Tokenizer"),
-    "KVCache": ("kv_cache", "KVCache"),
-    "generate_text": ("generation", "generate_text"),
-    "TextStreamer": ("generation", "TextStreamer"),
-    "estimate_memory": ("memory", "estimate_memory"),
-    "QuantizationConfig": ("quantization", "QuantizationConfig"),
-    "format_hook_table": ("hook_table", "format_hook_table"),
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
-    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
-
+from .notebook_setup import setup_notebook
+from .quantization import QuantizationConfig
+from .tokenizer import Tokenizer
 
 __all__ = [
     "ActivationCache", "CacheMismatchError", "CommandRConfig", "ConfigError", "HookContext", "HookError", "HookPoint",
-    "HookedCommandR", "StopForward", *_LAZY,
+    "HookedCommandR", "KVCache", "QuantizationConfig", "StopForward", "TextStreamer", "Tokenizer", "act_name",
+    "estimate_memory", "format_hook_table", "generate_text", "get_act_name", "setup_notebook",
 ]
 __version__ = "0.1.0"

@@ -10,13 +10,14 @@ import os
 import sys
 import time
 
+import torch
+
+from .hook_table import format_hook_table
+from .model import HookedCommandR
+from .tokenizer import Tokenizer
+
 
 def main(argv=None) -> int:
-    import torch
-
-    from . import HookedCommandR
-    from .hook_table import format_hook_table
-
     p = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
     p.add_argument("--model", default=os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny"))
     p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
@@ -32,8 +33,6 @@ def main(argv=None) -> int:
           f"{model.dtype} in {time.perf_counter() - t0:.2f}s")
     print(format_hook_table(model.hook_table(1, 8)[:30]), "\n...")
     try:
-        from .tokenizer import Tokenizer
-
         tok = Tokenizer.from_pretrained(args.model)
     except Exception as e:  # noqa: BLE001 - a model folder without a tokenizer still runs
         print(f"(no tokenizer: {e})")

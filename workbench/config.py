@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from .tl_config import TLConfigMixin
+
 SUPPORTED_MODEL_TYPES = ("cohere", "cohere2")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -53,7 +55,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class CommandRConfig:
+class CommandRConfig(TLConfigMixin):
     """Hyperparameters of a Command-R family model, in TransformerLens-style names.
 
     ``layer_types`` holds, per layer, ``"full_attention"`` or ``"sliding_attention"`` (cohere2);
@@ -194,7 +196,7 @@ class CommandRConfig:
         d = {k: v for k, v in d.items() if v is not None}   # null means absent, as in transformers
         rope = d.get("rope_parameters") or {}
         rope_theta = d.get("rope_theta", rope.get("rope_theta"))
-        if rope_theta is None:  # transformers' defaults when absent (spec §1)
+        if rope_theta is None:  # transformers 5.x defaults when absent; every released config sets it
             rope_theta = 500000.0 if model_type == "cohere" else 10000.0
         rope_scaling = d.get("rope_scaling")
         if rope_scaling is None and rope.get("rope_type", "default") != "default":
@@ -253,7 +255,7 @@ class CommandRConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CommandRConfig":
-        """A released checkpoint's architecture (spec §5), e.g. ``"command-r-plus"``; build on meta to plan."""
+        """A released checkpoint's architecture (``PRESETS``), e.g. ``"command-r-plus"``; build on meta to plan."""
         key = name.lower().split("/")[-1].replace("c4ai-", "")
         if key not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
@@ -330,8 +332,9 @@ def _preset(D, L, H, K, F, theta, qk, scale, model_type="cohere", **kw):
     return d
 
 
-# Released checkpoints (spec §5). Values marked unconfirmed there are best public guesses; a real
-# checkpoint's config.json always wins.
+# Released checkpoints' shapes, from their public config.json files or, where those were not available,
+# third-party preset tables (e.g. command-r-plus-08-2024 is assumed to have command-r-plus's shape and
+# rope_theta): best public guesses. A real checkpoint's config.json always wins.
 PRESETS = {
     "command-r-v01": _preset(8192, 40, 64, 64, 22528, 8e6, False, 0.0625),
     "command-r-plus": _preset(12288, 64, 96, 8, 33792, 7.5e7, True, 0.8333333333333334),

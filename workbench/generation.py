@@ -1,5 +1,7 @@
-"""Generation as a ladder of small functions: ``process_logits``/``sample`` → ``prefill`` →
-``decode_step`` → ``generate(..., on_step=...)``, plus ``TextStreamer`` and ``generate_text``.
+"""Generation as a ladder of small named steps: ``resolve_settings`` → ``prepare_prompt`` →
+``decode_loop`` (``prefill``, then ``decode_step`` with ``sampling.process_logits``/``sample``, reporting
+each token to ``StepCallbacks``: streamer, progress bar, ``on_step``) → ``finish``; ``generate`` runs
+the ladder, plus ``TextStreamer`` and ``generate_text``.
 
 Semantics follow transformers' ``generate`` (greedy unless ``do_sample``; repetition penalty →
 temperature → top-k → top-p exactly as its logits processors; left-padded batches take positions
@@ -28,19 +30,22 @@ Example::
 
 from __future__ import annotations
 
-import numbers
-
 import inspect
+import numbers
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .hook_points import StopForward
+from .hook_points import StopForward, generation_step
+from .input_warnings import warn_unused_sampling
 from .kv_cache import KVCache
+from .sampling import check_settings, process_logits, process_scores, sample
 
-
+__all__ = ["Prompt", "Settings", "StepCallbacks", "StepInfo", "TextStreamer", "check_input_ids", "decode_loop",
+           "decode_step", "finish", "generate", "generate_text", "prefill", "prepare_prompt", "process_logits",
+           "resolve_settings", "sample"]
 
 class _Unset:
     """Marks a default that was not passed: ``model.generation_config`` may override it (an explicit
@@ -90,81 +95,6 @@ class StepInfo:
     finished: Optional[torch.Tensor] = None
 
 
-# ---------------------------------------------------------------------- logits processing, sampling
-def process_logits(scores: torch.Tensor, sequences: torch.Tensor, do_sample: bool = False,
-                   temperature: float = 1.0, top_k: Optional[int] = 50, top_p: float = 1.0,
-                   repetition_penalty: float = 1.0, prompt_start: Optional[torch.Tensor] = None,
-                   min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """transformers' processors in its order: repetition penalty, then (only when sampling)
-    temperature, top-k, top-p. ``scores`` [batch vocab] fp32 -> processed scores (-inf = removed).
-
-    ``sequences`` [batch t] are the tokens so far; ``prompt_start`` [batch] left-padding lengths
-    (tokens before it are not penalised). Bit-identical to ``RepetitionPenaltyLogitsProcessor``,
-    ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper``.
-
-    >>> process_logits(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2]]), do_sample=True, top_k=2)
-    tensor([[-inf, 2., 3.]])
-    """
-    _check_settings(temperature, top_k, top_p, repetition_penalty)
-    return _process(scores, sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
-                    prompt_start, min_tokens_to_keep)
-
-
-def _process(scores, sequences, do_sample, temperature, top_k, top_p, repetition_penalty, prompt_start,
-             min_tokens_to_keep=1):
-    if repetition_penalty != 1.0:
-        scores = _repetition_penalty(scores, sequences, float(repetition_penalty), prompt_start)
-    if not do_sample:
-        return scores
-    if temperature != 1.0:
-        scores = scores / float(temperature)
-    if top_k is not None and top_k != 0:
-        k = min(max(int(top_k), min_tokens_to_keep), scores.shape[-1])
-        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - float(top_p))
-        remove[..., -min_tokens_to_keep:] = 0
-        remove = remove.scatter(1, sorted_idx, remove)
-        scores = scores.masked_fill(remove, -float("inf"))
-    return scores
-
-
-def _repetition_penalty(scores, sequences, penalty, prompt_start):
-    vocab = scores.shape[-1]
-    ids = sequences
-    if prompt_start is not None:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        ids = ids.masked_fill(pos[None, :] < prompt_start.to(ids.device)[:, None], vocab)
-    ids = ids.clamp(max=vocab)                               # ids past the vocab land in a dropped column
-    padded = torch.nn.functional.pad(scores, (0, 1))
-    picked = torch.gather(padded, 1, ids)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return padded.scatter(1, ids, picked)[..., :vocab]
-
-
-def _check_settings(temperature, top_k, top_p, repetition_penalty) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        hint = " (for greedy decoding use do_sample=False)" if temperature == 0 else ""
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}{hint}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative int (0 or None = off), got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1):
-        raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be a positive number, got {repetition_penalty!r}")
-
-
-def sample(scores: torch.Tensor, do_sample: bool = False, generator: Optional[torch.Generator] = None):
-    """Next tokens [batch] from processed scores [batch vocab]: argmax, or one multinomial draw
-    from ``softmax(scores)`` (``generator`` for reproducible draws; the global RNG otherwise)."""
-    if not do_sample:
-        return torch.argmax(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
 # ---------------------------------------------------------------------- forwards
 def prefill(model, input_ids: torch.Tensor, kv_cache: KVCache, attention_mask=None, position_ids=None):
     """Run the (uncached part of the) prompt into ``kv_cache``; logits of its last position [batch vocab] fp32.
@@ -195,163 +125,67 @@ def _last_logits_only(model) -> dict:
 _KEEPS_LOGITS: dict = {}
 
 
-# ---------------------------------------------------------------------- generate
-def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _UnsetInt(20),
-             do_sample: bool = _DEFAULTS["do_sample"], temperature: float = _DEFAULTS["temperature"],
-             top_k: Optional[int] = _DEFAULTS["top_k"], top_p: float = _DEFAULTS["top_p"],
-             repetition_penalty: float = _DEFAULTS["repetition_penalty"], eos_token_id=None, pad_token_id=None,
-             generator: Optional[torch.Generator] = None, streamer=None, fwd_hooks=None,
-             on_step: Optional[Callable[[StepInfo], None]] = None, capture=None, capture_top_k: int = 10,
-             stop: Union[threading.Event, Callable[[], bool], None] = None, progress: bool = False,
-             kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-    """Generate up to ``max_new_tokens`` per sequence; returns ``[batch, prompt + new]`` token ids.
+# ---------------------------------------------------------------------- generate: settings
+@dataclass
+class Settings:
+    """Resolved generation settings (arguments, then ``model.generation_config``, then defaults)."""
 
-    ``input_ids`` [batch pos] (left-padded for batches, with ``attention_mask`` [batch pos]; when
-    it is None, tokens equal to ``pad_token_id`` count as padding, as in transformers, unless
-    pad == eos). Sampling settings not passed come from ``model.generation_config`` (a dict from
-    the checkpoint's generation_config.json) when it sets them, else transformers' defaults shown
-    in the signature; ``eos_token_id`` / ``pad_token_id`` default to it and then to ``model.cfg``.
-    ``eos_token_id=[]`` turns EOS stopping off.
-
-    ``fwd_hooks`` [(name or predicate, fn)] are attached for the whole generation; inside them
-    ``hook.ctx.step`` is 0 for the prefill and 1, 2, ... for decode steps. ``capture`` (a
-    ``names_filter``) with ``on_step`` delivers each step's activations (see ``StepInfo``).
-    ``stop`` (a ``threading.Event`` or a callable returning True), KeyboardInterrupt and a hook
-    raising ``StopForward`` end generation cleanly with the tokens so far; no hook stays attached.
-    ``kv_cache``: a cache already holding the first ``kv_cache.seen`` tokens of ``input_ids``
-    (e.g. a ``clone()`` of a shared prompt prefix); it is extended in place.
-
-    >>> model.generate(ids, max_new_tokens=5).shape                             # doctest: +SKIP
-    torch.Size([1, 12])
-    """
-    s = _settings(model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    input_ids = _check_input_ids(model, input_ids)
-    max_new_tokens = _resolve_max_new(model, max_new_tokens, input_ids.shape[1])
-    if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool):
-        max_new_tokens = int(max_new_tokens)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if capture is not None and on_step is None:
-        raise ValueError("capture=... needs on_step=fn(StepInfo) to receive the activations")
-    if capture_top_k < 1:
-        raise ValueError(f"capture_top_k must be >= 1, got {capture_top_k}")
-    device = input_ids.device
-    batch, n_prompt = input_ids.shape
-    mask = _attention_mask(attention_mask, input_ids, s)
-    if kv_cache is None:
-        kv_cache = KVCache.for_model(model)
-    elif not 0 <= kv_cache.seen < n_prompt:
-        raise ValueError(f"kv_cache holds {kv_cache.seen} positions; input_ids must be longer than that "
-                         f"(the full sequence, of which the cache holds a prefix), got {n_prompt} tokens")
-    eos = None if s["eos"] is None else torch.tensor(s["eos"], device=device)
-    pad = s["pad"]
-    if eos is not None and pad is None:
-        raise ValueError("pad_token_id is required to pad finished sequences (model.cfg.pad_token_id is None)")
-    total = n_prompt + max_new_tokens
-    out = input_ids.new_full((batch, total), pad if pad is not None else 0)
-    out[:, :n_prompt] = input_ids
-    padded = mask is not None and not bool(mask.all())
-    full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1) if padded else None
-    if padded:
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)       # [batch pos]
-        prompt_start = (mask != 0).int().argmax(dim=1)
-    else:
-        positions = torch.arange(n_prompt, device=device)[None]                   # [1 pos]
-        prompt_start = None
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    store, capture_hooks = ({}, []) if capture is None else model.cache_hooks(capture)
-    hooks = list(fwd_hooks or ()) + capture_hooks
-    t, step = n_prompt, 0
-    bar = _progress(progress, max_new_tokens)
-    ctx = model.hook_ctx
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    try:
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            if max_new_tokens == 0:
-                return out
-            seen = kv_cache.seen
-            ctx.step = 0
-            logits = prefill(model, input_ids[:, seen:], kv_cache,
-                             full_mask[:, :n_prompt] if padded else None, positions[:, seen:])
-            while True:
-                scores = _process(logits, out[:, :t], s["do_sample"], s["temperature"], s["top_k"], s["top_p"],
-                                  s["repetition_penalty"], prompt_start)
-                tokens = sample(scores, bool(s["do_sample"]), generator)
-                if eos is not None:
-                    tokens = torch.where(unfinished, tokens, pad)
-                out[:, t] = tokens
-                t += 1
-                if eos is not None:
-                    unfinished &= ~torch.isin(tokens, eos)
-                if streamer is not None:
-                    streamer.put(tokens.cpu())
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(_step_info(step, tokens, out[:, :t], ctx.positions, scores, capture_top_k,
-                                       store, unfinished))
-                    store.clear()
-                if t >= total or not bool(unfinished.any()) or _stopped(stop):
-                    break
-                step += 1
-                ctx.step = step
-                logits = decode_step(model, tokens, kv_cache, full_mask[:, :t] if padded else None,
-                                     positions[:, -1:] + step)
-    except (KeyboardInterrupt, StopForward):
-        kv_cache.rollback()              # a forward cut short leaves no half-updated layer behind
-    finally:
-        ctx.step = None
-        store.clear()
-        if bar is not None:
-            bar.close()
-        if streamer is not None:
-            streamer.end()
-    return out[:, :t] if t < total else out
+    do_sample: bool
+    temperature: float
+    top_k: Optional[int]
+    top_p: float
+    repetition_penalty: float
+    eos: Optional[list]          # token ids that end a sequence (None: never)
+    pad: Optional[int]           # fills finished sequences
+    max_new_tokens: int
 
 
-def _settings(model, **given) -> dict:
+def resolve_settings(model, n_prompt: int, max_new_tokens=_UnsetInt(20), eos_token_id=None, pad_token_id=None,
+                     **sampling) -> Settings:
+    """Settings for ``generate``, validated (a clear error before anything runs).
+
+    ``sampling``: do_sample, temperature, top_k, top_p, repetition_penalty (``_Unset`` defaults may
+    be overridden by ``model.generation_config``)."""
     gc = getattr(model, "generation_config", None) or {}
     get = gc.get if isinstance(gc, dict) else (lambda k, d=None: getattr(gc, k, d))
     s = {}
     for name, default in _DEFAULTS.items():
-        value = given[name]
+        value = sampling.get(name, default)
         if isinstance(value, _Unset):
             value = get(name, None)
             if value is None:
                 value = default
         s[name] = value.__class__.__bases__[1](value) if isinstance(value, _Unset) else value
     s["do_sample"] = bool(s["do_sample"])
-    cfg = model.cfg
-    eos = given["eos_token_id"]
-    if eos is None:
-        eos = get("eos_token_id", None)
-    if eos is None:
-        eos = cfg.eos_token_id
-    s["eos"] = None if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos]) or None
-    pad = given["pad_token_id"]
-    if pad is None:
-        pad = get("pad_token_id", None)
-    if pad is None:
-        pad = cfg.pad_token_id
-    if pad is None and s["eos"]:
-        pad = s["eos"][0]
-    s["pad"] = None if pad is None else int(pad)
     if s["do_sample"]:
-        _check_settings(s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"])
+        check_settings(s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"])
     else:  # sampling-only settings are unused when greedy (transformers ignores e.g. temperature=0 too)
-        _check_settings(1.0, None, None, s["repetition_penalty"])
-    return s
+        check_settings(1.0, None, None, s["repetition_penalty"])
+        warn_unused_sampling({k: v for k, v in sampling.items() if not isinstance(v, _Unset)})  # as transformers
+    eos = _first_set(eos_token_id, get("eos_token_id", None), model.cfg.eos_token_id)
+    eos = None if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos]) or None
+    pad = _first_set(pad_token_id, get("pad_token_id", None), model.cfg.pad_token_id)
+    if pad is None and eos:
+        pad = eos[0]
+    if eos is not None and pad is None:
+        raise ValueError("pad_token_id is required to pad finished sequences (model.cfg.pad_token_id is None)")
+    max_new = _resolve_max_new(get, max_new_tokens, n_prompt)
+    if isinstance(max_new, numbers.Integral) and not isinstance(max_new, bool):
+        max_new = int(max_new)
+    if not isinstance(max_new, int) or max_new < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new!r}")
+    return Settings(max_new_tokens=max_new, eos=eos, pad=None if pad is None else int(pad), **s)
 
 
-def _resolve_max_new(model, value, n_prompt: int):
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _resolve_max_new(get, value, n_prompt: int):
     """An explicit value wins; else generation_config's max_new_tokens, or max_length (prompt
     included), as transformers; else 20."""
     if not isinstance(value, _Unset):
         return value
-    gc = getattr(model, "generation_config", None) or {}
-    get = gc.get if isinstance(gc, dict) else (lambda k, d=None: getattr(gc, k, d))
     if get("max_new_tokens") is not None:
         return int(get("max_new_tokens"))
     if get("max_length") is not None:
@@ -359,7 +193,26 @@ def _resolve_max_new(model, value, n_prompt: int):
     return 20
 
 
-def _check_input_ids(model, input_ids) -> torch.Tensor:
+# ---------------------------------------------------------------------- generate: prompt preparation
+@dataclass
+class Prompt:
+    """The prompt laid out for decoding: ``out`` [batch prompt+new] (prompt filled in), the attention
+    mask over all of it (None without padding), prompt positions, left-padding starts, the KV cache."""
+
+    ids: torch.Tensor                      # [batch n_prompt]
+    out: torch.Tensor                      # [batch n_prompt + max_new_tokens]
+    full_mask: Optional[torch.Tensor]      # [batch n_prompt + max_new_tokens] or None
+    positions: torch.Tensor                # [batch|1 n_prompt] absolute positions
+    prompt_start: Optional[torch.Tensor]   # [batch] first real token (left padding) or None
+    kv_cache: KVCache
+
+    @property
+    def n_prompt(self) -> int:
+        return self.ids.shape[1]
+
+
+def check_input_ids(model, input_ids) -> torch.Tensor:
+    """``input_ids`` as a LongTensor [batch pos] on the model's device; a clear error otherwise."""
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -373,11 +226,33 @@ def _check_input_ids(model, input_ids) -> torch.Tensor:
     return input_ids.long().to(model.device)
 
 
-def _attention_mask(attention_mask, input_ids, s):
+def prepare_prompt(model, input_ids: torch.Tensor, attention_mask, s: Settings,
+                   kv_cache: Optional[KVCache] = None) -> Prompt:
+    """Lay the prompt out for ``decode_loop``: output buffer, mask, positions (``cumsum(mask) - 1``
+    under left padding, as transformers), and the KV cache (a given one must hold a prefix)."""
+    batch, n_prompt = input_ids.shape
+    mask = _attention_mask(attention_mask, input_ids, s)
+    if kv_cache is None:
+        kv_cache = KVCache.for_model(model)
+    elif not 0 <= kv_cache.seen < n_prompt:
+        raise ValueError(f"kv_cache holds {kv_cache.seen} positions; input_ids must be longer than that "
+                         f"(the full sequence, of which the cache holds a prefix), got {n_prompt} tokens")
+    out = input_ids.new_full((batch, n_prompt + s.max_new_tokens), s.pad if s.pad is not None else 0)
+    out[:, :n_prompt] = input_ids
+    if mask is not None and not bool(mask.all()):
+        full_mask = torch.cat([mask, mask.new_ones(batch, s.max_new_tokens)], dim=1)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)       # [batch pos]
+        prompt_start = (mask != 0).int().argmax(dim=1)
+    else:
+        full_mask, prompt_start = None, None
+        positions = torch.arange(n_prompt, device=input_ids.device)[None]          # [1 pos]
+    return Prompt(input_ids, out, full_mask, positions, prompt_start, kv_cache)
+
+
+def _attention_mask(attention_mask, input_ids, s: Settings):
     if attention_mask is None:
-        pad, eos = s["pad"], s["eos"] or []
-        if pad is not None and pad not in eos and bool((input_ids == pad).any()):
-            return (input_ids != pad).long()                      # transformers infers padding
+        if s.pad is not None and s.pad not in (s.eos or []) and bool((input_ids == s.pad).any()):
+            return (input_ids != s.pad).long()                      # transformers infers padding
         return None
     mask = torch.as_tensor(attention_mask).to(input_ids.device)
     if mask.shape != input_ids.shape:
@@ -388,11 +263,78 @@ def _attention_mask(attention_mask, input_ids, s):
     return mask.long()
 
 
-def _step_info(step, tokens, sequences, positions, scores, k, store, unfinished) -> StepInfo:
-    probs = torch.softmax(scores, dim=-1)
-    top_probs, top_ids = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)
-    return StepInfo(step=step, new_tokens=tokens.clone(), sequences=sequences.clone(), positions=positions,
-                    top_ids=top_ids, top_probs=top_probs, activations=dict(store), finished=~unfinished)
+# ---------------------------------------------------------------------- generate: callbacks
+class StepCallbacks:
+    """Where the decode loop reports: a ``streamer`` (``put``/``end``), a progress bar (``update``/
+    ``close``), and ``on_step(StepInfo)`` with the activations captured into ``store`` this step."""
+
+    def __init__(self, streamer=None, bar=None, on_step: Optional[Callable[[StepInfo], None]] = None,
+                 store: Optional[dict] = None, top_k: int = 10) -> None:
+        self.streamer, self.bar, self.on_step = streamer, bar, on_step
+        self.store = {} if store is None else store
+        self.top_k = top_k
+
+    def prompt(self, ids: torch.Tensor) -> None:
+        if self.streamer is not None:
+            self.streamer.put(ids.cpu())
+
+    def step(self, step: int, tokens, sequences, positions, scores, unfinished) -> None:
+        if self.streamer is not None:
+            self.streamer.put(tokens.cpu())
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.on_step is not None:
+            probs = torch.softmax(scores, dim=-1)
+            top_probs, top_ids = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)
+            self.on_step(StepInfo(step=step, new_tokens=tokens.clone(), sequences=sequences.clone(),
+                                  positions=positions, top_ids=top_ids, top_probs=top_probs,
+                                  activations=dict(self.store), finished=~unfinished))
+        self.store.clear()
+
+    def close(self) -> None:
+        self.store.clear()
+        if self.bar is not None:
+            self.bar.close()
+        if self.streamer is not None:
+            self.streamer.end()
+
+
+# ---------------------------------------------------------------------- generate: decode loop
+def decode_loop(model, prompt: Prompt, s: Settings, callbacks: StepCallbacks,
+                generator: Optional[torch.Generator] = None, stop=None) -> int:
+    """Prefill, then one token per step until ``max_new_tokens``, every sequence finished or ``stop``;
+    returns how many positions of ``prompt.out`` are filled. KeyboardInterrupt or a hook raising
+    ``StopForward`` ends it cleanly (the KV cache rolls back a half-run forward)."""
+    t, total, step = prompt.n_prompt, prompt.out.shape[1], 0
+    if s.max_new_tokens == 0:
+        return t
+    kv, out, mask = prompt.kv_cache, prompt.out, prompt.full_mask
+    eos = None if s.eos is None else torch.tensor(s.eos, device=out.device)
+    unfinished = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+    try:
+        seen = kv.seen
+        step_positions = prompt.positions[:, seen:]
+        with generation_step(0):
+            logits = prefill(model, prompt.ids[:, seen:], kv, None if mask is None else mask[:, :t], step_positions)
+        while True:
+            scores = process_scores(logits, out[:, :t], s.do_sample, s.temperature, s.top_k, s.top_p,
+                                    s.repetition_penalty, prompt.prompt_start)
+            tokens = sample(scores, s.do_sample, generator)
+            if eos is not None:
+                tokens = torch.where(unfinished, tokens, s.pad)
+                unfinished &= ~torch.isin(tokens, eos)
+            out[:, t] = tokens
+            t += 1
+            callbacks.step(step, tokens, out[:, :t], step_positions, scores, unfinished)
+            if t >= total or not bool(unfinished.any()) or _stopped(stop):
+                return t
+            step += 1
+            step_positions = prompt.positions[:, -1:] + step
+            with generation_step(step):
+                logits = decode_step(model, tokens, kv, None if mask is None else mask[:, :t], step_positions)
+    except (KeyboardInterrupt, StopForward):
+        kv.rollback()              # a forward cut short leaves no half-updated layer behind
+        return t
 
 
 def _stopped(stop) -> bool:
@@ -403,12 +345,69 @@ def _stopped(stop) -> bool:
     return bool(stop())
 
 
+# ---------------------------------------------------------------------- generate: finishing
+def finish(prompt: Prompt, t: int) -> torch.Tensor:
+    """The sequences ``[batch prompt + new]``, cut after the last filled position."""
+    return prompt.out[:, :t] if t < prompt.out.shape[1] else prompt.out
+
+
 def _progress(progress: bool, total: int):
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm   # optional display dependency, loaded only when asked for
 
     return tqdm(total=total, desc="generate", unit="tok")
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _UnsetInt(20),
+             do_sample: bool = _DEFAULTS["do_sample"], temperature: float = _DEFAULTS["temperature"],
+             top_k: Optional[int] = _DEFAULTS["top_k"], top_p: float = _DEFAULTS["top_p"],
+             repetition_penalty: float = _DEFAULTS["repetition_penalty"], eos_token_id=None, pad_token_id=None,
+             generator: Optional[torch.Generator] = None, streamer=None, fwd_hooks=None,
+             on_step: Optional[Callable[[StepInfo], None]] = None, capture=None, capture_top_k: int = 10,
+             stop: Union[threading.Event, Callable[[], bool], None] = None, progress: bool = False,
+             kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` per sequence; returns ``[batch, prompt + new]`` token ids.
+
+    The ladder: ``resolve_settings`` -> ``prepare_prompt`` -> ``decode_loop`` (reporting to
+    ``StepCallbacks``) -> ``finish``.
+
+    ``input_ids`` [batch pos] (left-padded for batches, with ``attention_mask`` [batch pos]; when
+    it is None, tokens equal to ``pad_token_id`` count as padding, as in transformers, unless
+    pad == eos). Sampling settings not passed come from ``model.generation_config`` (a dict from
+    the checkpoint's generation_config.json) when it sets them, else transformers' defaults shown
+    in the signature; ``eos_token_id`` / ``pad_token_id`` default to it and then to ``model.cfg``.
+    ``eos_token_id=[]`` turns EOS stopping off.
+
+    ``fwd_hooks`` [(name or predicate, fn)] are attached for the whole generation (this call and
+    thread only); inside them ``hook.ctx.step`` is 0 for the prefill and 1, 2, ... for decode steps.
+    ``capture`` (a ``names_filter``) with ``on_step`` delivers each step's activations (see
+    ``StepInfo``). ``stop`` (a ``threading.Event`` or a callable returning True), KeyboardInterrupt
+    and a hook raising ``StopForward`` end generation cleanly with the tokens so far; no hook stays
+    attached. ``kv_cache``: a cache already holding the first ``kv_cache.seen`` tokens of ``input_ids``
+    (e.g. a ``clone()`` of a shared prompt prefix); it is extended in place.
+
+    >>> model.generate(ids, max_new_tokens=5).shape                             # doctest: +SKIP
+    torch.Size([1, 12])
+    """
+    input_ids = check_input_ids(model, input_ids)
+    s = resolve_settings(model, input_ids.shape[1], max_new_tokens, eos_token_id, pad_token_id,
+                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty)
+    if capture is not None and on_step is None:
+        raise ValueError("capture=... needs on_step=fn(StepInfo) to receive the activations")
+    if capture_top_k < 1:
+        raise ValueError(f"capture_top_k must be >= 1, got {capture_top_k}")
+    prompt = prepare_prompt(model, input_ids, attention_mask, s, kv_cache)
+    store, capture_hooks = ({}, []) if capture is None else model.cache_hooks(capture)
+    callbacks = StepCallbacks(streamer, _progress(progress, s.max_new_tokens), on_step, store, capture_top_k)
+    callbacks.prompt(input_ids)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks or ()) + capture_hooks):
+            t = decode_loop(model, prompt, s, callbacks, generator, stop)
+    finally:
+        callbacks.close()
+    return finish(prompt, t)
 
 
 # ---------------------------------------------------------------------- text in, text out

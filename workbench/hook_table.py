@@ -12,44 +12,12 @@ from typing import Optional
 
 import torch
 
-_SHAPES = {
-    "hook_embed": ("batch pos d_model", "model"),
-    "hook_resid_pre": ("batch pos d_model", "model"),
-    "ln1.hook_scale": ("batch pos 1", "float32"),
-    "ln1.hook_normalized": ("batch pos d_model", "model"),
-    "attn.hook_q": ("batch pos head d_head", "model"),
-    "attn.hook_k": ("batch pos kv_head d_head", "model"),
-    "attn.hook_v": ("batch pos kv_head d_head", "model"),
-    "attn.hook_q_normed": ("batch pos head d_head", "model"),
-    "attn.hook_k_normed": ("batch pos kv_head d_head", "model"),
-    "attn.hook_rot_q": ("batch pos head d_head", "model"),
-    "attn.hook_rot_k": ("batch pos kv_head d_head", "model"),
-    "attn.hook_attn_scores": ("batch head q_pos k_pos", "model"),
-    "attn.hook_pattern": ("batch head q_pos k_pos", "model"),
-    "attn.hook_z": ("batch pos head d_head", "model"),
-    "attn.hook_result": ("batch pos head d_model", "model"),
-    "hook_attn_out": ("batch pos d_model", "model"),
-    "mlp.hook_pre": ("batch pos d_mlp", "model"),
-    "mlp.hook_pre_linear": ("batch pos d_mlp", "model"),
-    "mlp.hook_post": ("batch pos d_mlp", "model"),
-    "hook_mlp_out": ("batch pos d_model", "model"),
-    "hook_resid_post": ("batch pos d_model", "model"),
-    "ln_final.hook_scale": ("batch pos 1", "float32"),
-    "ln_final.hook_normalized": ("batch pos d_model", "model"),
-    "hook_logits_unscaled": ("batch pos vocab", "model"),
-    "hook_logits": ("batch pos vocab", "model"),
-}
-
-
-def _suffix(name: str) -> str:
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        parts = parts[2:]
-    return ".".join(parts)
+from .hook_names import kind_of
 
 
 def hook_table(model, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
-    """Rows ``{name, layer, shape, axes, dtype, attention}`` in forward order.
+    """Rows ``{name, layer, shape, axes, dtype, attention}`` in forward order (axes and dtype from
+    the hook vocabulary, ``workbench.hook_names``).
 
     ``k_pos`` defaults to ``pos`` (no KV cache). ``attention`` says, for block hooks, whether the
     layer is "global" (full attention) or "local (window W)", and whether it rotates.
@@ -60,7 +28,8 @@ def hook_table(model, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None)
             "vocab": cfg.vocab_size, "1": 1}
     rows = []
     for name, hp in model.hook_dict.items():
-        axes, dtype = _SHAPES[_suffix(name)]
+        spec = kind_of(name)
+        axes, dtype = spec.axes, spec.dtype
         row = {
             "name": name,
             "layer": hp.layer,

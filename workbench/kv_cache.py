@@ -1,7 +1,7 @@
 """KVCache: keys (after QK-norm and rotary) and values per layer, owned by generation code.
 
 The model calls ``update(layer, k, v)`` once per layer per forward and ``advance(n)`` at the end;
-hooks learn positions from ``model.hook_ctx``, which the model fills from ``seen``.
+hooks learn positions from ``hook.ctx`` (per forward), which the model fills from ``seen``.
 
 Storage is one preallocated buffer per layer and per tensor, ``[batch kv_head capacity d_head]``,
 grown in chunks, so a decode step writes one position instead of copying the whole cache

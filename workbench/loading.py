@@ -1,4 +1,4 @@
-"""Checkpoint I/O: HF tensor names <-> ours in one table, random init, load and save.
+"""Checkpoint loading: HF tensor names <-> ours in one table, random init, checks, load (saving: saving.py).
 
 Loading reads a Hugging Face checkpoint folder (``config.json``, ``generation_config.json``,
 ``model.safetensors`` or ``model.safetensors.index.json`` + shards) without needing twice the
@@ -12,7 +12,7 @@ Example::
 
     model = HookedCommandR.from_pretrained("/ckpt/c4ai-command-r-v01", torch_dtype="auto",
                                            device_map="auto", offload_folder="/scratch/offload")
-    model.save_pretrained("/tmp/copy", max_shard_size="2GB")
+    model.save_pretrained("/tmp/copy", max_shard_size="2GB")      # workbench.saving
 """
 
 from __future__ import annotations
@@ -21,15 +21,23 @@ import contextlib
 import json
 import os
 import re
-import struct
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import CommandRConfig, dtype_name, parse_dtype
+from . import offload as off
+from .bundled import BUNDLED_MODELS, resolve_model_path as resolve_bundled
+from .config import CommandRConfig, parse_dtype
+from .quantization import QuantizationConfig, replace_linear_layers
+from .safetensors_files import CheckpointError, TensorEntry, cast_tensor, read_header, read_tensor, same_values
+from .weights import torch_device
+
+__all__ = ["NAME_MAP", "CheckpointError", "TensorEntry", "hf_to_ours", "ours_to_hf", "init_random", "read_tensor",
+           "find_weight_files", "scan_checkpoint", "plan_sources", "resolve_dtype", "resolve_model_path",
+           "read_generation_config", "load_pretrained", "parse_size"]
 
 # HF name <-> our name, one row per tensor kind; "{i}" is the layer index. Used both ways.
 NAME_MAP = [
@@ -52,12 +60,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
                  "consolidated.00.pth", "tf_model.h5", "flax_model.msgpack")
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded as is; the message names the file and tensor."""
-
 
 def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
@@ -104,75 +106,6 @@ def init_random(model, dtype=None, seed: Optional[int] = None):
 
 
 # ---------------------------------------------------------------------------------------- reading
-@dataclass
-class TensorEntry:
-    """Where one checkpoint tensor lives: shard file, HF name, dtype, shape and byte range."""
-
-    file: str
-    name: str
-    dtype: torch.dtype
-    shape: tuple
-    start: int       # absolute byte offset of the data in ``file``
-    nbytes: int
-
-
-def _read_header(file: str) -> dict[str, TensorEntry]:
-    """Validate a shard with safetensors itself, then read its header for byte offsets."""
-    try:
-        with safe_open(file, framework="pt") as f:
-            names = set(f.keys())
-    except Exception as e:  # SafetensorError: truncated, corrupt, not safetensors
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
-                              "it may be truncated or corrupt - download it again") from None
-    with open(file, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    entries = {}
-    for name in names:
-        info = header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has dtype {info['dtype']}; "
-                                  f"expected a float tensor ({', '.join(_ST_DTYPES)})")
-        b, e = info["data_offsets"]
-        entries[name] = TensorEntry(file, name, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, e - b)
-    return entries
-
-
-def read_tensor(entry: TensorEntry, dtype=None, device="cpu") -> torch.Tensor:
-    """Read one tensor into fresh memory (no mmap left behind), cast to ``dtype`` on ``device``."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    with open(entry.file, "rb") as fh:
-        fh.seek(entry.start)
-        got = fh.readinto(buf.numpy()) if entry.nbytes else 0
-    if got != entry.nbytes:
-        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)")
-    t = buf.view(entry.dtype).reshape(entry.shape)
-    return t.to(device=device, dtype=dtype or entry.dtype)
-
-
-def _read_rows(entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of a tensor (first axis), read from the file without touching the rest."""
-    row = entry.nbytes // max(1, entry.shape[0]) if entry.shape else entry.nbytes
-    part = TensorEntry(entry.file, entry.name, entry.dtype, (r1 - r0, *entry.shape[1:]), entry.start + r0 * row,
-                       (r1 - r0) * row)
-    return read_tensor(part)
-
-
-def _same_values(a: TensorEntry, b: TensorEntry, chunk_bytes: int = 1 << 26) -> bool:
-    """Equal shapes and values, compared ~64 MB at a time (a 256k-vocab embedding is GBs)."""
-    if tuple(a.shape) != tuple(b.shape):
-        return False
-    if not a.shape:
-        return torch.equal(read_tensor(a, torch.float32), read_tensor(b, torch.float32))
-    rows = a.shape[0]
-    step = max(1, chunk_bytes // max(1, a.nbytes // max(1, rows)))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if not torch.equal(_read_rows(a, r0, r1).float(), _read_rows(b, r0, r1).float()):
-            return False
-    return True
-
-
 def find_weight_files(path: str) -> tuple[list[str], Optional[dict]]:
     """The shard files of a folder (and the index's weight_map, if sharded); refuses pickles."""
     single = os.path.join(path, SINGLE_FILE)
@@ -210,7 +143,7 @@ def scan_checkpoint(path: str) -> dict[str, TensorEntry]:
     files, weight_map = find_weight_files(path)
     entries: dict[str, TensorEntry] = {}
     for file in files:
-        for name, entry in _read_header(file).items():
+        for name, entry in read_header(file).items():
             if name in entries:
                 raise CheckpointError(f"tensor {name!r} is in two shards: {entries[name].file} and {file}")
             entries[name] = entry
@@ -241,7 +174,7 @@ def plan_sources(cfg: CommandRConfig, expected: dict[str, tuple], entries: dict[
             continue  # checked against the embedding below
         if ours is None or ours not in expected:
             if hf_name.endswith(".bias") and hf_to_ours(hf_name[:-5] + ".weight") is not None:
-                zero_biases.append(entry)  # stray all-zero biases (spec §3.7): checked, then dropped
+                zero_biases.append(entry)  # some exports carry all-zero biases: checked, then dropped
             else:
                 unexpected.append(hf_name)
             continue
@@ -269,7 +202,7 @@ def plan_sources(cfg: CommandRConfig, expected: dict[str, tuple], entries: dict[
         lm = entries.get(ours_to_hf("unembed.weight"))
         if lm is not None:
             emb = sources["embed.weight"]
-            if not _same_values(lm, emb):
+            if not same_values(lm, emb):
                 raise CheckpointError(
                     f"{lm.file}: lm_head.weight differs from model.embed_tokens.weight but config.json has "
                     "tie_word_embeddings=true; set tie_word_embeddings to false to use the separate lm_head")
@@ -302,11 +235,7 @@ def resolve_model_path(path) -> str:
         folder = os.path.dirname(os.path.expanduser(path)) or "."
         raise FileNotFoundError(f"{path} is a file; pass the checkpoint folder {folder}")
     try:
-        from .bundled import BUNDLED_MODELS, resolve_model_path as bundled
-    except ImportError:
-        raise FileNotFoundError(f"checkpoint folder not found: {path}") from None
-    try:
-        return bundled(path)
+        return resolve_bundled(path)
     except KeyError:
         raise FileNotFoundError(f"checkpoint folder not found: {path} (and it is not a bundled model name; "
                                 f"bundled: {sorted(BUNDLED_MODELS)})") from None
@@ -351,20 +280,10 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
 
 
-def _cast_tensor(entry: TensorEntry, dtype: torch.dtype, device) -> torch.Tensor:
-    """Map one tensor, cast/move it, unmap: only this tensor's source pages are resident meanwhile."""
-    with safe_open(entry.file, framework="pt") as f:
-        return f.get_tensor(entry.name).to(device=device, dtype=dtype)
-
-
 def _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path) -> None:
     """Put every weight where ``device_map`` says: mmap (same dtype, CPU), cast (thread pool),
     quantized, or recorded for disk offload. Tied weights on one device share one Parameter."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    from . import offload as off
+    from tqdm.auto import tqdm   # optional display dependency, loaded only when loading
 
     bar = tqdm(total=len(expected), desc=f"Loading {os.path.basename(os.path.normpath(path))}",
                unit="tensor", disable=not progress, leave=False)
@@ -382,7 +301,7 @@ def _place_tensors(model, expected, sources, device_map, target, quant, offload,
                 offload.add(name, entry)
                 bar.update(1)
                 continue
-            device = off.torch_device(dev)
+            device = torch_device(dev)
             key = (entry.file, entry.name, str(device))
             if key in first:                                    # tied embedding / unembedding
                 shared.append((name, first[key]))
@@ -396,7 +315,7 @@ def _place_tensors(model, expected, sources, device_map, target, quant, offload,
                     handles[entry.file] = safe_open(entry.file, framework="pt")
                 _set_tensor(model, name, handles[entry.file].get_tensor(entry.name))  # mmap, no copy
             else:
-                casts.append((name, pool.submit(_cast_tensor, entry, target, device)))
+                casts.append((name, pool.submit(cast_tensor, entry, target, device)))
                 continue
             bar.update(1)
         for name, future in casts:
@@ -425,8 +344,6 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
 
         model = HookedCommandR.from_pretrained(path, torch_dtype=torch.bfloat16, device_map="auto")
     """
-    from . import offload as off
-
     path = resolve_model_path(path)
     cfg = CommandRConfig.from_pretrained(path)
     if device is not None and device_map is not None:
@@ -442,8 +359,6 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
 
     quant = None
     if quantization_config is not None:
-        from .quantization import QuantizationConfig, replace_linear_layers
-
         quant = QuantizationConfig.coerce(quantization_config)
     if quant is not None and quant.enabled:
         replace_linear_layers(model, quant, target)
@@ -462,10 +377,11 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
     off.dispatch(model, device_map, offload, offload_buffers)
     model.generation_config = generation_config
     model.name_or_path = path
+    model.cfg.device, model.cfg.dtype = model.device, target     # tlsurface: TL's cfg.device / cfg.dtype
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------- saving
+# ---------------------------------------------------------------------------------------- sizes
 def parse_size(size) -> int:
     """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2 * 2**30, ``1000`` -> 1000 (transformers' units)."""
     if isinstance(size, int):
@@ -477,93 +393,3 @@ def parse_size(size) -> int:
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
     return int(float(m.group(1)) * base**power)
-
-
-def _gather(model) -> dict[str, torch.Tensor]:
-    """HF name -> CPU tensor for every weight, fetching offloaded (meta) ones from their store."""
-    from .offload import offloaded_tensor
-    from .quantization import is_quantized
-
-    if is_quantized(model):
-        raise ValueError("save_pretrained: this model was loaded with quantization_config; saving bitsandbytes "
-                         "weights is not supported - load it without quantization to save it")
-    state = {}
-    tied = model.cfg.tie_word_embeddings
-    for name, p in model.state_dict(keep_vars=True).items():
-        if name == "unembed.weight" and tied:
-            continue
-        t = offloaded_tensor(model, name) if p.is_meta else p.detach()
-        if t is None or t.is_meta:
-            raise ValueError(f"save_pretrained: parameter {name!r} is on the meta device and no offload "
-                             "store holds it; load real weights first")
-        state[ours_to_hf(name)] = t.to("cpu").contiguous()
-    return state
-
-
-def save_pretrained(model, path, max_shard_size="5GB", safe_serialization=True) -> None:
-    """Write the Hugging Face layout: config.json, generation_config.json and safetensors shards.
-
-    One ``model.safetensors`` if everything fits in ``max_shard_size``, otherwise
-    ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``. Tied models store no
-    ``lm_head.weight``. Offloaded weights are gathered one by one; quantized models are refused.
-
-    Example::
-
-        model.save_pretrained("/tmp/ckpt", max_shard_size="500MB")
-    """
-    from safetensors.torch import save_file
-
-    if not safe_serialization:
-        raise ValueError("save_pretrained: only safe_serialization=True (safetensors) is supported")
-    limit = parse_size(max_shard_size)
-    state = _gather(model)
-    shards: list[dict] = [{}]
-    size = 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    os.makedirs(path, exist_ok=True)
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    # Write to temporary names and rename: a model memory-mapped from this very folder keeps
-    # reading its old (now unlinked) files instead of seeing them rewritten under it.
-    for shard, fname in zip(shards, names):
-        tmp = os.path.join(path, fname + ".tmp")
-        save_file(shard, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, fname))
-    stale = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
-    for f in os.listdir(path):
-        if stale.match(f) and f not in names:
-            os.remove(os.path.join(path, f))
-    index = os.path.join(path, INDEX_FILE)
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        weight_map = {n: fname for shard, fname in zip(shards, names) for n in shard}
-        _write_json(index, {"metadata": {"total_size": total,
-                                         "total_parameters": sum(t.numel() for t in state.values())},
-                            "weight_map": dict(sorted(weight_map.items()))})
-    elif os.path.exists(index):
-        os.remove(index)
-    cfg = model.cfg.to_dict()
-    cfg["torch_dtype"] = dtype_name(next(iter(state.values())).dtype)
-    cfg.pop("dtype", None)
-    _write_json(os.path.join(path, "config.json"), cfg)
-    gen = dict(getattr(model, "generation_config", None) or {})
-    if not gen:
-        gen = {"_from_model_config": True, "bos_token_id": model.cfg.bos_token_id,
-               "eos_token_id": model.cfg.eos_token_id, "pad_token_id": model.cfg.pad_token_id}
-    _write_json(os.path.join(path, "generation_config.json"), gen)
-
-
-def _write_json(file: str, obj) -> None:
-    tmp = file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, file)

@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import html
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -83,8 +85,6 @@ class MemoryEstimate:
         return "\n".join([head] + [f"  {a:<20} {b:>12}  ({c})" for a, b, c in self.rows()])
 
     def _repr_html_(self) -> str:
-        import html
-
         body = "".join(f"<tr><td>{html.escape(a)}</td><td style='text-align:right'>{html.escape(b)}</td>"
                        f"<td>{html.escape(c)}</td></tr>" for a, b, c in self.rows())
         return f"<b>{html.escape(str(self).splitlines()[0])}</b><table>{body}</table>"
@@ -115,8 +115,6 @@ def estimate_memory(config_or_preset: Union[CommandRConfig, str], dtype="bfloat1
 
         print(estimate_memory("command-r-plus", dtype="bfloat16", seq_len=8192))
     """
-    import os
-
     if isinstance(config_or_preset, CommandRConfig):
         cfg, name = config_or_preset, config_or_preset.extra.get("_name_or_path", config_or_preset.model_type)
     elif isinstance(config_or_preset, (str, os.PathLike)) and os.path.isdir(config_or_preset):

@@ -1,7 +1,7 @@
 """HookedCommandR: Cohere's Command-R family as a hookable einops model, the same function as
 transformers' ``CohereForCausalLM`` / ``Cohere2ForCausalLM`` (bit-exact on the explicit attention path).
 
-How Command-R differs from Llama (each is a bit-exactness trap; see ../shared/docs/cohere-spec.md)::
+How Command-R differs from Llama (each is a bit-exactness trap)::
 
     x ──┬──────────────────────────────────────────────(+)──(+)──> x'      parallel block:
         └─ ln1 (LayerNorm, fp32 incl. weight, no bias) ─┬─ attn ─┘    │     ONE norm feeds both
@@ -36,31 +36,18 @@ from torch import nn
 
 from .attention_ops import mask_rows, notify_attention, pattern_rows
 from .config import CommandRConfig
-from .hook_points import HookedRootModule, HookPoint
+from .deferred_results import DEFERRED_HOOKS
+from .hook_points import HookedRootModule, HookPoint, begin_forward
+from .hook_table import hook_table as build_hook_table
+from .loading import init_random, load_pretrained
+from .norms import layer_norm_fp32
+from .offload import execution_device
+from .saving import save_pretrained as save_checkpoint
+from .weights import dense_weight, heads_of_o_proj
+from .sae_splice import SAEHostMixin
+from .tl_model import Embed, TLAttentionMixin, TLMLPMixin, TLModelMixin, Unembed
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_hook: Optional[HookPoint] = None):
-    """Cohere's LayerNorm with exactly the reference's ops: fp32 throughout, weight multiply in fp32."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    mean = x.mean(-1, keepdim=True)
-    centred = x - mean
-    var = centred.pow(2).mean(-1, keepdim=True)
-    inv = torch.rsqrt(var + eps)
-    if scale_hook is not None and scale_hook.has_hooks:
-        scale = torch.sqrt(var + eps)                      # [batch pos 1], float32
-        before = scale.detach().clone()                    # detects in-place edits by a hook
-        hooked = scale_hook(scale)
-        if hooked is not scale or not torch.equal(scale.detach(), before):
-            inv = hooked.reciprocal()                      # replaced (e.g. frozen) or edited divisor
-        elif scale_hook._bwd and torch.is_grad_enabled() and scale.requires_grad:
-            r = scale.reciprocal()
-            inv = inv.detach() + (r - r.detach())          # same value bit for bit; gradient via hook_scale
-    y = centred * inv
-    y = weight.to(torch.float32) * y
-    return y.to(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -121,7 +108,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return ((x * cos) + (swapped * signed_sin)).to(dtype)
 
 
-class Attention(nn.Module):
+class Attention(TLAttentionMixin, nn.Module):
     """Named stages: q/k/v -> q_normed/k_normed -> rot_q/rot_k -> attn_scores -> pattern -> z -> result."""
 
     def __init__(self, cfg: CommandRConfig, layer: int) -> None:
@@ -154,8 +141,8 @@ class Attention(nn.Module):
 
     @property
     def W_O(self) -> torch.Tensor:
-        """[head d_head d_model] view of o_proj: head j writes z_j @ W_O[j]."""
-        return rearrange(self.o_proj.weight, "m (h d) -> h d m", h=self.n_heads)
+        """[head d_head d_model] view of o_proj (dequantized if bitsandbytes packed it): head j writes z_j @ W_O[j]."""
+        return heads_of_o_proj(dense_weight(self.o_proj), self.n_heads)
 
     def needs_explicit(self) -> bool:
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
@@ -273,7 +260,7 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kh, group, t, d).reshape(b, kh * group, t, d)
 
 
-class MLP(nn.Module):
+class MLP(TLMLPMixin, nn.Module):
     """SwiGLU: down(silu(gate(h)) * up(h))."""
 
     def __init__(self, cfg: CommandRConfig) -> None:
@@ -356,7 +343,7 @@ class Masks:
                          torch.arange(r0, r1, device=device))
 
 
-class HookedCommandR(HookedRootModule):
+class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
     """Command-R with a named hook at every stage.
 
     Example::
@@ -366,14 +353,16 @@ class HookedCommandR(HookedRootModule):
         cache["pattern", 0].shape        # [batch head q_pos k_pos]
     """
 
+    deferred_hooks = DEFERRED_HOOKS               # per-head results a cache computes after the forward
+
     def __init__(self, cfg: CommandRConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model)
         self.hook_embed = HookPoint()              # [batch pos d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.vocab_size, cfg.logit_scale)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         self.hook_logits_unscaled = HookPoint()    # [batch pos vocab] before x logit_scale
@@ -383,7 +372,9 @@ class HookedCommandR(HookedRootModule):
 
     # ------------------------------------------------------------------ computation
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, kv_cache=None, logits_to_keep: int = 0, *,
+                return_type: Optional[str] = "logits", loss_per_token: bool = False, prepend_bos: Optional[bool] = None,
+                padding_side: Optional[str] = None, stop_at_layer: Optional[int] = None):
         """input_ids [batch pos] -> logits [batch pos vocab].
 
         ``attention_mask`` [batch past+pos] (1 = real token) masks keys; ``position_ids`` default to
@@ -392,26 +383,35 @@ class HookedCommandR(HookedRootModule):
         ``logits_to_keep`` > 0 unembeds only the last that many positions, as transformers (its
         ``generate`` uses 1: same logits bit for bit, no [pos vocab] tensor for a long prompt);
         ``ln_final`` hooks still see every position, ``hook_logits*`` only the kept ones.
+
+        TransformerLens' arguments (strings in, ``return_type``, ``loss_per_token``, ``prepend_bos``,
+        ``padding_side``, ``stop_at_layer``) are documented in ``workbench.tl_model``.
         """
+        call = self.prepare_forward(input_ids, attention_mask, position_ids, kv_cache, logits_to_keep, return_type,
+                                    loss_per_token, prepend_bos, padding_side, stop_at_layer)
+        input_ids, attention_mask, position_ids = call.input_ids, call.attention_mask, call.position_ids  # TL args
         past_len = kv_cache.seen if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, past_len)
         n_new = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + n_new, device=input_ids.device)[None]
-        self.hook_ctx.positions, self.hook_ctx.past_len = position_ids, past_len
+        begin_forward(position_ids, past_len)     # hook.ctx of this forward (per call, per thread)
         x = self.hook_embed(self.embed(input_ids))
         masks = Masks(attention_mask, past_len, n_new, x.dtype, x.device)
         rope = rotary_operands(*rotary_tables(position_ids.to(x.device), self.cfg.d_head, self.cfg.rope_theta, x.dtype))
         explicit = self.attn_impl == "explicit"
-        for block in self.blocks:
+        for block in self.blocks[:call.stop_at_layer]:      # all blocks unless TL's stop_at_layer
             x = block(x, rope, masks, kv_cache, explicit)
+        if call.stop_at_layer is not None:
+            return x                                        # the residual entering block stop_at_layer
         if kv_cache is not None:
             kv_cache.advance(n_new)
         x = self.ln_final(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.hook_logits_unscaled(self.unembed(x))
-        return self.hook_logits(logits * self.cfg.logit_scale)
+        logits = self.hook_logits_unscaled(self.unembed(x, scaled=False))
+        logits = self.hook_logits(logits * self.cfg.logit_scale)
+        return self.finish_forward(call, logits)   # TL's return_type (tl_model.TLModelMixin.finish_forward)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, past_len: int) -> None:
         """Refuse bad inputs before anything runs (no hook fires, the cache is untouched)."""
@@ -452,47 +452,28 @@ class HookedCommandR(HookedRootModule):
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embedding's (execution) device, also under accelerate offload."""
-        from .offload import execution_device
-
         return execution_device(self)
-
-    @property
-    def W_E(self) -> torch.Tensor:
-        return self.embed.weight                   # [vocab d_model]
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        return self.unembed.weight.T               # [d_model vocab]
 
     def hook_table(self, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None) -> list[dict]:
         """Every hook name with its shape and dtype for a [batch, pos] input, without running."""
-        from .hook_table import hook_table
-
-        return hook_table(self, batch, pos, k_pos)
+        return build_hook_table(self, batch, pos, k_pos)
 
     @classmethod
     def from_config(cls, cfg: CommandRConfig, dtype=None, device=None, seed: Optional[int] = None):
         """A randomly initialised model (normal(0, 0.02) weights, unit norms) for tests and planning."""
-        from .loading import init_random
-
         return init_random(cls(cfg) if device != "meta" else _on_meta(cls, cfg), dtype=dtype, seed=seed)
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs) -> "HookedCommandR":
         """Load a checkpoint folder in the Hugging Face layout (see ``workbench.loading``)."""
-        from .loading import load_pretrained
-
         return load_pretrained(cls, path, *args, **kwargs)
 
     def save_pretrained(self, path, **kwargs) -> None:
-        from .loading import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
+        save_checkpoint(self, path, **kwargs)
 
     def generate(self, input_ids, *args, **kwargs) -> torch.Tensor:
-        from .generation import generate
-
-        return generate(self, input_ids, *args, **kwargs)
+        """``workbench.generation.generate``; also takes strings (text out) and TL's arguments (tl_model)."""
+        return self.generate_tl(input_ids, *args, **kwargs)
 
 
 def _on_meta(cls, cfg):

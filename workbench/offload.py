@@ -21,24 +21,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import dtype_name
+from .safetensors_files import read_tensor, save_aligned
+from .weights import Device, accelerate_hooks, torch_device
+
+__all__ = ["NO_SPLIT", "STRATEGIES", "Offloader", "device_for", "dispatch", "execution_device", "resolve_device_map",
+           "save_aligned", "torch_device"]
 
 NO_SPLIT = ["Block"]
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-Device = Union[int, str, torch.device]
-
-
-def torch_device(value: Device) -> torch.device:
-    """0 -> cuda:0, "cpu" -> cpu (accelerate's device_map values; "disk" is not a torch device)."""
-    if isinstance(value, int):
-        return torch.device("cuda", value)
-    return torch.device(value)
 
 
 def _normalise_value(key: str, value) -> Device:
@@ -126,8 +122,6 @@ class Offloader:
             return
         key = (entry.file, entry.name)
         if key not in self._written:                  # a tied embedding is written once
-            from .loading import read_tensor
-
             file = os.path.join(os.path.abspath(self.folder), f"{name}.safetensors")
             save_aligned(name, read_tensor(entry, self.dtype), file)
             self._written[key] = (file, name)
@@ -138,27 +132,6 @@ class Offloader:
         if self.folder is not None:
             with open(os.path.join(self.folder, "index.json"), "w", encoding="utf-8") as f:
                 json.dump(self.index, f, indent=2)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def save_aligned(name: str, tensor: torch.Tensor, file: str, align: int = 64) -> None:
-    """Write one tensor as a safetensors file whose data starts ``align``-byte aligned.
-
-    accelerate memory-maps offloaded weights straight from these files; a weight that is not
-    64-byte aligned makes MKL take a different code path, and the offloaded model's matmuls then
-    differ from the plain load's in the last bit. Padding the (JSON) header fixes the offset."""
-    tensor = tensor.detach().contiguous().cpu()
-    entry = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-             "data_offsets": [0, tensor.numel() * tensor.element_size()]}
-    header = json.dumps({"__metadata__": {"format": "pt"}, name: entry}, separators=(",", ":")).encode()
-    header += b" " * ((-(8 + len(header))) % align)
-    with open(file, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def dispatch(model: nn.Module, device_map: dict, offloader: Optional[Offloader], offload_buffers: bool = False):
@@ -174,32 +147,9 @@ def dispatch(model: nn.Module, device_map: dict, offloader: Optional[Offloader],
                           preload_module_classes=NO_SPLIT)
 
 
-def _hooks_of(module: nn.Module):
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    return list(getattr(hook, "hooks", [hook]))
-
-
-def offloaded_tensor(model: nn.Module, name: str) -> Optional[torch.Tensor]:
-    """The real value of parameter ``name`` held by an accelerate offload hook (None if none has it)."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        prefix, key = ".".join(parts[:i]), ".".join(parts[i:])
-        module = model.get_submodule(prefix)
-        for hook in _hooks_of(module):
-            weights = getattr(hook, "weights_map", None)
-            if weights is not None and getattr(hook, "offload", False):
-                try:
-                    return weights[key].to("cpu")
-                except KeyError:
-                    continue
-    return None
-
-
 def execution_device(model: nn.Module) -> torch.device:
     """Where inputs should be: the device accelerate runs the embedding on (or its weight's device)."""
-    for hook in _hooks_of(model.embed) + _hooks_of(model):
+    for hook in accelerate_hooks(model.embed) + accelerate_hooks(model):
         dev = getattr(hook, "execution_device", None)
         if dev is not None:
             return torch_device(dev)

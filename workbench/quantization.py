@@ -4,7 +4,7 @@ The linear layers inside the blocks (q/k/v/o, gate/up/down) become ``bnb.nn.Line
 ``bnb.nn.Linear8bitLt``; the embedding, the (tied) unembedding and the LayerNorms stay in the model
 dtype, as in transformers. Each weight is quantized as it is read, so the full-precision model never
 exists in memory. Every hook keeps working: hooks sit on activations, ``hook_result`` runs the
-quantized o_proj per head, and ``attn.W_O`` returns the dequantized weight.
+quantized o_proj per head, and ``attn.W_O`` returns the dequantized weight (``weights.dense_weight``).
 
 Recent bitsandbytes releases (>= 0.45) run both formats on the CPU.
 
@@ -17,30 +17,22 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from .config import dtype_name, parse_dtype
-from .model import Attention
+from .weights import dense_weight, require_bitsandbytes, torch_device
+
+__all__ = ["LINEAR_NAMES", "QuantizationConfig", "dense_weight", "is_quantized", "replace_linear_layers",
+           "require_bitsandbytes"]
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Keys of transformers' BitsAndBytesConfig.to_dict() that carry no setting of their own.
 _IGNORED_KEYS = {"quant_method", "_load_in_4bit", "_load_in_8bit", "llm_int8_enable_fp32_cpu_offload"}
-
-
-def require_bitsandbytes():
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise ImportError("quantization_config needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
-                          "(or commandr-workbench[quantization])") from e
-    return bnb
 
 
 @dataclass
@@ -140,8 +132,6 @@ class QuantizationConfig:
     def quantize(self, weight: torch.Tensor, device, module: nn.Module) -> nn.Parameter:
         """Full-precision ``weight`` -> a quantized bitsandbytes parameter on ``device``."""
         bnb = require_bitsandbytes()
-        from .offload import torch_device
-
         device = torch_device(device)
         if self.load_in_4bit:
             p = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=self.bnb_4bit_quant_type,
@@ -182,9 +172,6 @@ def replace_linear_layers(model: nn.Module, quant: QuantizationConfig, dtype: to
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, quant.new_module(module, dtype))
             swapped.append(name)
-    for block in model.blocks:
-        if quant.should_quantize(f"blocks.{block.layer}.attn.o_proj.weight"):
-            block.attn.__class__ = QuantizedAttention
     model.quantization_config = quant
     model.is_loaded_in_4bit, model.is_loaded_in_8bit = quant.load_in_4bit, quant.load_in_8bit
     return swapped
@@ -192,37 +179,6 @@ def replace_linear_layers(model: nn.Module, quant: QuantizationConfig, dtype: to
 
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quantization_config", None) is not None
-
-
-def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The [out in] weight of a Linear, dequantized if it is a bitsandbytes 4-bit/8-bit layer."""
-    w = linear.weight
-    state = getattr(w, "quant_state", None)
-    if state is not None:                                   # Params4bit
-        bnb = require_bitsandbytes()
-        data = w.data
-        if getattr(state, "packing_format_for_cpu", False):  # repacked for the AVX512-BF16 kernel
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            packed_absmax = state.absmax                      # [K/blocksize, N] bf16 in this format
-            data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
-            if not state.nested:  # bnb's inverse restores the absmax layout only for nested stats
-                state.absmax = packed_absmax.T.reshape(-1).float()
-        return bnb.functional.dequantize_4bit(data, state)
-    scb = getattr(w, "SCB", None)
-    if w.dtype == torch.int8 and scb is not None:           # Int8Params: row-wise absmax scaling
-        return w.data.float() * (scb.float()[:, None] / 127.0)
-    return w
-
-
-class QuantizedAttention(Attention):
-    """Attention whose ``W_O`` dequantizes a bitsandbytes ``o_proj`` (for attribution code reading it)."""
-
-    @property
-    def W_O(self) -> torch.Tensor:
-        """[head d_head d_model] view of the dequantized o_proj, in the activations' dtype."""
-        w = dense_weight(self.o_proj)
-        return rearrange(w, "m (h d) -> h d m", h=self.n_heads)
 
 
 # transformers' module names -> ours, so BitsAndBytesConfig skip lists written for HF checkpoints work

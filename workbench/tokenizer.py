@@ -1,11 +1,11 @@
 """Command-R tokenizer and chat templates, without transformers.
 
 Wraps the ``tokenizers`` library (byte-level BPE from ``tokenizer.json``) and renders the chat templates of
-``tokenizer_config.json`` in a sandboxed Jinja environment set up like transformers'
-(``utils/chat_template_utils.py``), so prompts and ids match ``AutoTokenizer`` for the same files.
-Facts this relies on (see ``shared/docs/cohere-spec.md`` §7–8): NFC normalisation, individual digits,
-GPT-2 byte-level pre-tokenisation, BOS prepended and no EOS, added tokens matched in raw text, left padding,
-no clean-up of spaces when decoding.
+``tokenizer_config.json`` in the sandbox of ``workbench.chat_templates`` (set up like transformers'), so
+prompts and ids match ``AutoTokenizer`` for the same files. Facts this relies on (Cohere's tokenizer files
+and transformers' ``CohereTokenizerFast``): NFC normalisation, individual digits, GPT-2 byte-level
+pre-tokenisation, BOS prepended and no EOS, added tokens matched in raw text, left padding, no clean-up of
+spaces when decoding.
 
     >>> tok = Tokenizer.from_pretrained("path/to/command-r")           # doctest: +SKIP
     >>> tok.encode("Hello this is a test")                             # doctest: +SKIP
@@ -14,24 +14,21 @@ no clean-up of spaces when decoding.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
-import numbers
 import os
-import re
-import unicodedata
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import torch
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
+
+from .bundled import resolve_model_path
+from .chat_templates import (ChatTemplateError, UnsafeTemplateError, normalize_messages, plain_template_data,
+                             render_template)
+from .token_pieces import TokenPiece, readable, utf8_segments
 
 __all__ = ["BatchEncoding", "ChatTemplateError", "TokenPiece", "Tokenizer", "UnsafeTemplateError"]
 
@@ -41,7 +38,6 @@ _SPECIAL_DEFAULTS = {
     "bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "unk_token": "<UNK>", "sep_token": "<SEP>",
     "pad_token": "<PAD>", "cls_token": "<CLS>", "mask_token": "<MASK_TOKEN>",
 }
-_VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -68,174 +64,6 @@ class BatchEncoding(dict):
 
     def to(self, device: Any) -> BatchEncoding:
         return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenPiece:
-    """One token prepared for display.
-
-    ``bytes`` are the token's exact bytes; ``text`` is a readable rendering (space ``·``, newline ``↵``, tab ``→``,
-    bytes that are not complete UTF-8 on their own as ``<0xEC>``); ``span`` is the ``[start, end)`` character range
-    of the decoded text the token contributes to: tokens sharing a character split across them share that character.
-    """
-
-    id: int
-    token: str | None  # the raw vocabulary string ('Ġthe'), None for an id outside the vocabulary
-    bytes: bytes
-    text: str
-    is_special: bool  # added/control token (rendered from its content, not from byte-level BPE)
-    span: tuple[int, int]
-
-
-class ChatTemplateError(jinja2.exceptions.TemplateError, ValueError):
-    """A chat template failed: ``raise_exception(...)`` in the template (its message is kept), or a Jinja error."""
-
-
-class UnsafeTemplateError(ChatTemplateError):
-    """The sandbox stopped a chat template that tried an unsafe operation (dunder access, mutation, imports)."""
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # Same as transformers: Jinja's own tojson escapes HTML characters, which templates do not expect.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class _TemplateDict:
-    """``dict(...)`` and ``dict.fromkeys`` for templates without exposing the ``dict`` type (as transformers)."""
-
-    __call__, fromkeys = staticmethod(dict), staticmethod(dict.fromkeys)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """``namespace()`` refusing underscore attributes, so ``ns.__class__`` cannot be planted (as transformers)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick so namespace(self=...) works
-        attrs = dict(*args[1:], **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(args[0], attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"storing the underscore attribute {name!r} on a namespace")
-
-
-class _NoTemplateLoader(jinja2.BaseLoader):
-    def get_source(self, environment: Any, template: str) -> Any:
-        raise jinja2.exceptions.SecurityError(f"importing or including another template ({template!r})")
-
-
-class _ChatSandbox(ImmutableSandboxedEnvironment):
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        # Jinja returns a silent Undefined for e.g. `(1).__class__`; fail loudly instead. No legitimate template
-        # reads unsafe attributes, so this only changes what hostile templates see.
-        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object")
-
-
-@lru_cache(maxsize=32)
-def _compile_template(source: str) -> jinja2.Template:
-    if tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
-        raise ImportError(f"chat templates need jinja2>=3.1.6 (older ones have sandbox escapes): {jinja2.__version__}")
-    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, loader=_NoTemplateLoader(),
-                       extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=_TemplateDict(), namespace=_TemplateNamespace)
-    try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from e
-
-
-def _render(source: str, variables: dict[str, Any]) -> str:
-    template = _compile_template(source)
-    try:
-        return template.render(**variables)
-    except ChatTemplateError:
-        raise
-    except jinja2.exceptions.SecurityError as e:
-        raise UnsafeTemplateError(f"the chat template tried an unsafe operation, stopped by the sandbox: {e}") from e
-    except jinja2.exceptions.TemplateRuntimeError as e:
-        if "assign attribute" in str(e):  # `{% set obj.attr = … %}` on anything but a namespace
-            raise UnsafeTemplateError(f"the chat template tried an unsafe operation (assignment): {e}") from e
-        raise ChatTemplateError(f"chat template failed: {e}") from e
-    except Exception as e:  # noqa: BLE001 - e.g. `'a' + 1` inside the template; keep the cause chained
-        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types (transformers' `_plain_template_data`): rich objects carry
-    methods the sandbox cannot judge, so anything else becomes an inert ``"<TypeName>"`` placeholder."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):  # str subclasses (enums) carry extra methods; str.__str__ gives the plain value
-        return str.__str__(value)
-    for base, kind in ((bool, bool), (int, numbers.Integral), (float, numbers.Real)):  # IntEnum, numpy scalars
-        if isinstance(value, kind):
-            return base(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return (list if isinstance(value, list) else tuple)(_plain(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return f"<{type(value).__name__}>"
-
-
-def _normalize_messages(messages: Sequence[Any]) -> list[dict]:
-    """Dicts only; drop keys whose value is None; alias reasoning fields (as transformers 5 does)."""
-    out = []
-    for message in _plain(list(messages)):
-        if not isinstance(message, dict):
-            raise TypeError(f"chat messages must be dicts with 'role' and 'content', got {message!r}")
-        message = {k: v for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        out.append(message)
-    return out
-
-
-def _utf8_segments(data: bytes) -> list[tuple[bytes, str | None]]:
-    """Split ``data`` into valid UTF-8 runs (with their text) and invalid runs (``None``). Each invalid run is one
-    maximal ill-formed subpart, i.e. exactly one U+FFFD in ``data.decode("utf-8", "replace")``."""
-    segments: list[tuple[bytes, str | None]] = []
-    rest = data
-    while rest:
-        try:
-            segments.append((rest, rest.decode("utf-8")))
-            break
-        except UnicodeDecodeError as e:
-            if e.start:
-                segments.append((rest[: e.start], rest[: e.start].decode("utf-8")))
-            segments.append((rest[e.start : e.end], None))
-            rest = rest[e.end :]
-    return segments
-
-
-def _visible(ch: str) -> str:
-    category = unicodedata.category(ch)
-    if ch in _VISIBLE:
-        return _VISIBLE[ch]
-    if category == "Cc":
-        return f"<0x{ord(ch):02X}>"
-    # zero-width characters and exotic spaces would be invisible, or look like a plain space
-    return f"<U+{ord(ch):04X}>" if category in ("Cf", "Zl", "Zp", "Zs") else ch
-
-
-def _readable(data: bytes) -> str:
-    return "".join("".join(f"<0x{b:02X}>" for b in raw) if text is None else "".join(map(_visible, text))
-                   for raw, text in _utf8_segments(data))
 
 
 def _id_list(ids: Any) -> list[int]:
@@ -449,7 +277,6 @@ class Tokenizer:
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         if any(len(seq) != longest for seq in ids):
             raise ValueError("sequences have different lengths; pass padding=True to get a tensor")
-        import torch  # only needed for tensors
 
         return BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), longest),
                              attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), longest))
@@ -495,7 +322,7 @@ class Tokenizer:
         # Map every byte of the whole sequence to the index of the character it decodes into.
         char_of_byte: list[int] = []
         n_chars = 0
-        for chunk, text in _utf8_segments(b"".join(data for _, data, _ in raw)):
+        for chunk, text in utf8_segments(b"".join(data for _, data, _ in raw)):
             if text is None:  # one U+FFFD for the whole ill-formed run
                 char_of_byte += [n_chars] * len(chunk)
                 n_chars += 1
@@ -510,7 +337,7 @@ class Tokenizer:
             else:
                 pos = char_of_byte[offset] if offset < len(char_of_byte) else n_chars
                 span = (pos, pos)
-            text = self._added[i] if special else (_readable(data) if token is not None else f"<unused:{i}>")
+            text = self._added[i] if special else (readable(data) if token is not None else f"<unused:{i}>")
             pieces.append(TokenPiece(i, token, data, text, special, span))
             offset += len(data)
         return pieces
@@ -564,9 +391,9 @@ class Tokenizer:
                             "convert Python functions with transformers.utils.get_json_schema first")
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise TypeError("documents must be a list of dicts, e.g. {'title': ..., 'text': ...}")
-        shared = _plain({**self.special_tokens_map, **template_kwargs})  # kwargs win over special tokens
-        shared.update(tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt)
-        rendered = [_render(source, {**shared, "messages": _normalize_messages(conversation)})
+        shared = plain_template_data({**self.special_tokens_map, **template_kwargs})  # kwargs win over special tokens
+        shared.update(tools=plain_template_data(tools), documents=plain_template_data(documents), add_generation_prompt=add_generation_prompt)
+        rendered = [render_template(source, {**shared, "messages": normalize_messages(conversation)})
                     for conversation in (messages if batched else [messages])]
         if not tokenize:
             return rendered if batched else rendered[0]
@@ -590,11 +417,7 @@ class Tokenizer:
 
 
 def _resolve_named(path: str | os.PathLike) -> Path:
-    """A name that is not a folder goes through ``workbench.bundled.resolve_model_path`` when that module exists."""
-    try:
-        from workbench.bundled import resolve_model_path
-    except ImportError:
-        raise FileNotFoundError(f"tokenizer folder not found: {str(path)!r}") from None
+    """A name that is not a folder goes through ``workbench.bundled.resolve_model_path``."""
     try:
         folder = Path(resolve_model_path(str(path)))
     except Exception as e:  # noqa: BLE001 - whatever the resolver raises for an unknown name; chained below

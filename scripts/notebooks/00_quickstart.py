@@ -19,13 +19,11 @@ MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models
 # %%
 import torch
 
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
-from workbench.loading import resolve_model_path
+from workbench import CommandRConfig, HookedCommandR, Tokenizer, setup_notebook
 
-torch.manual_seed(0)
-path = resolve_model_path(MODEL)              # a folder, or the bundled model's folder for its name
-cfg = CommandRConfig.from_pretrained(path)
-SMALL = cfg.n_params < 2e9                    # small enough to load several copies on a laptop
+info = setup_notebook(MODEL, load=False)            # torch seeded; nothing loaded yet
+path, cfg = info.path, info.cfg                     # the checkpoint folder, its config.json
+SMALL = info.small                                  # small enough to load several copies on a laptop
 print(f"{MODEL}: {cfg.n_params / 1e6:.1f}M parameters, {cfg.n_layers} layers, d_model {cfg.d_model}, "
       f"{cfg.n_heads} heads ({cfg.n_kv_heads} KV heads), logit_scale {cfg.logit_scale}, "
       f"QK-norm {cfg.use_qk_norm}, checkpoint dtype {cfg.torch_dtype}")

@@ -18,16 +18,11 @@ MODEL = os.environ.get("WORKBENCH_MODEL_PATH", "command-r-tiny")   # or "/models
 import torch
 import torch.nn.functional as F
 
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
+from workbench import setup_notebook
 from workbench.hook_table import format_hook_table
-from workbench.loading import resolve_model_path
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-# float32 for a small model (exact and fast on a CPU); a real checkpoint in its own dtype over the GPUs
-model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
-cfg = model.cfg
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
 print(ids.shape, "|", tok.decode(ids[0]))
@@ -114,14 +109,15 @@ finally:
 
 # %% [markdown]
 # Command-R predicts the next token from the last position; the cache also gives the LayerNorm's scale and
-# the final residual, so the logits can be rebuilt by hand: `ln_final`, the tied unembedding, `logit_scale`.
+# the final residual, so the logits can be rebuilt by hand: `ln_final`, then `model.W_U`, which includes
+# `logit_scale` (as TransformerLens arithmetic expects; the stored tied weight is `model.W_U_raw`).
 
 # %%
 from workbench.model import layer_norm_fp32
 
 resid = cache["resid_post", -1][0, -1]                                  # [d_model]
 normed = layer_norm_fp32(resid, model.ln_final.weight, cfg.layer_norm_eps)
-by_hand = (normed @ model.W_U) * cfg.logit_scale                        # W_U is W_E transposed (tied)
+by_hand = normed @ model.W_U                        # W_U = W_E.T * logit_scale (W_U_raw = W_E.T, tied)
 print("rebuilt logits equal:", torch.allclose(by_hand.float(), logits[0, -1].float(), atol=1e-4))
 top = logits[0, -1].float().softmax(-1).topk(5)
 print("next token:", [(tok.decode([i]), round(p, 3)) for i, p in zip(top.indices.tolist(), top.values.tolist())])

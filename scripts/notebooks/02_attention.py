@@ -22,15 +22,11 @@ import torch
 import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
-from workbench.loading import resolve_model_path
+from workbench import CommandRConfig, HookedCommandR, setup_notebook
 from workbench.widgets import AttentionView, TokenView
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
-cfg = model.cfg
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 
 # %% [markdown]
 # ## Tokens

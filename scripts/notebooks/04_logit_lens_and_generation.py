@@ -18,16 +18,12 @@ import plotly.graph_objects as go
 import torch
 
 import hooks
-from workbench import CommandRConfig, HookedCommandR, Tokenizer
+from workbench import setup_notebook
 from workbench.analysis import direct_logit_attribution, lens_logits, logit_lens
-from workbench.loading import resolve_model_path
 from workbench.widgets import GenerationView, LogitLensView
 
-torch.manual_seed(0)
-SMALL = CommandRConfig.from_pretrained(resolve_model_path(MODEL)).n_params < 2e9
-model = HookedCommandR.from_pretrained(MODEL, **({} if SMALL else {"torch_dtype": "auto", "device_map": "auto"}))
-tok = Tokenizer.from_pretrained(MODEL)
-cfg = model.cfg
+# float32 when small, a real checkpoint in its own dtype over the GPUs; tokenizer; torch seeded
+model, tok, cfg = setup_notebook(MODEL)
 
 # %% [markdown]
 # ## The logit lens

@@ -19,8 +19,10 @@ from collections import Counter
 
 import torch
 
-from workbench import CommandRConfig, HookedCommandR, Tokenizer, estimate_memory
+from workbench import CommandRConfig, HookedCommandR, Tokenizer, estimate_memory, setup_notebook
 from workbench.memory import fmt_bytes
+
+info = setup_notebook(MODEL, load=False)   # torch seeded; only the config is read here
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)   # planning for GPUs this machine may not have
 
@@ -110,19 +112,14 @@ for device in ("0", "1", "cpu", "disk"):
 # anyway, so it runs the same everywhere.)
 
 # %%
+cfg = info.cfg
+if not info.small:
+    print(f"{MODEL} has {cfg.n_params / 1e9:.0f}B parameters: this section offloads the bundled tiny model instead")
+    MODEL = "command-r-tiny"
+    cfg = setup_notebook(MODEL, load=False).cfg
 tok = Tokenizer.from_pretrained(MODEL)
 ids = tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True,
                               return_tensors="pt")
-from workbench.loading import resolve_model_path
-
-cfg = CommandRConfig.from_pretrained(resolve_model_path(MODEL))
-if cfg.n_params > 2e9:
-    print(f"{MODEL} has {cfg.n_params / 1e9:.0f}B parameters: this section offloads the bundled tiny model instead")
-    MODEL = "command-r-tiny"
-    cfg = CommandRConfig.from_pretrained(resolve_model_path(MODEL))
-    tok = Tokenizer.from_pretrained(MODEL)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True,
-                                  return_tensors="pt")
 
 plain = HookedCommandR.from_pretrained(MODEL, torch_dtype=torch.float32)
 est = estimate_memory(cfg, dtype="float32", seq_len=ids.shape[1])

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..activation_cache import ActivationCache
+from ..hook_names import act_name
+from .logit_lens import lens_logits
 
 
 @dataclass
@@ -53,7 +55,7 @@ class LogitAttribution:
 def _needed_names(n_layers: int) -> list:
     names = ["hook_embed", "ln_final.hook_scale", "hook_logits"]
     for i in range(n_layers):
-        names += [f"blocks.{i}.attn.hook_z", f"blocks.{i}.hook_mlp_out"]
+        names += [act_name("z", i), act_name("mlp_out", i)]
     return names
 
 
@@ -103,8 +105,6 @@ def direct_logit_attribution(model, cache_or_input_ids, answer, wrong=None, posi
     if "logits" in cache:
         logits = cache["logits"][:, position].float()                      # [batch vocab]
     else:
-        from .logit_lens import lens_logits
-
         logits = lens_logits(model, cache["resid_post", L - 1][:, position]).float()
     rows = torch.arange(batch, device=logits.device)
     logit = logits[rows, answer_ids.to(logits.device)]

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..hook_names import act_name
 from ..hook_points import StopForward
 
 
@@ -119,7 +120,7 @@ def pattern_scores(model, tokens: torch.Tensor, key_index: torch.Tensor, attenti
         if hook.layer == L - 1:
             raise StopForward                                           # nothing after is needed
 
-    hooks = [(f"blocks.{i}.attn.hook_pattern", score) for i in range(L)]
+    hooks = [(act_name("pattern", i), score) for i in range(L)]
     model.run_with_hooks(tokens.to(model.device if model.device.type != "meta" else "cpu"),
                          fwd_hooks=hooks, attention_mask=attention_mask)
     return scores
