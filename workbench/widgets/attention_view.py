@@ -384,6 +384,8 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         self.minimap = f16_bytes(self._data.profile(self.layer, head, self.query, MINIMAP_BINS))
         self.minimap_label = (f"attention of query {self.query}" if 0 <= self.query < self._data.n
                               else "attention received per key (mean over queries)")
+        if isinstance(self._data, RowStore):
+            self.minimap_label += f"; rows computed for queries {self._data.q0}–{self._data.q1 - 1} only"
 
     # ------------------------------------------------------------------------------------------- data out
     def pattern_full(self, layer: Optional[int] = None, head: Optional[int] = None) -> torch.Tensor:
