@@ -564,9 +564,23 @@ CONTEXT_SELECTORS = (".wb-contextview .wb-title, .wb-contextview .wb-muted, .wb-
                      ".wb-contextview .wb-cv-flag, .wb-contextview .wb-cv-response")
 
 
-def test_context_view_in_real_jupyterlab(lab, page, artifacts):
+@pytest.fixture()
+def fresh_page(page):
+    """A new tab beside the shared one (leaving a notebook with unsaved output asks "leave page?")."""
+    pg = page.context.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.set_default_timeout(60_000)
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def test_context_view_in_real_jupyterlab(lab, fresh_page, artifacts):
     if not (REPO / "workbench" / "bundled" / "command-r-tiny").is_dir():
         pytest.skip("the bundled command-r-tiny is not present")
+    page = fresh_page
     shutil.copy(CONTEXT_NOTEBOOK, lab["root"] / CONTEXT_NOTEBOOK.name)
     nb = Notebook(page, lab, CONTEXT_NOTEBOOK.name)
     nb.run(0, timeout=240)
