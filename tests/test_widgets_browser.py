@@ -556,7 +556,8 @@ def test_views_in_real_jupyterlab(lab, page, artifacts):
 
 # ------------------------------------------------------------------------------------------------ ragwire: ContextView
 # ContextView in the same JupyterLab (its own small notebook): hovering a span ranks the documents, the model's
-# citations are shown, disagreements flagged, clicking a span selects its first token in a linked TokenView,
+# citations are shown, disagreements flagged, clicking a span selects its first token in a linked TokenView and
+# an AttentionView.from_model (exact rows; its minimap follows the query),
 # label contrast >= 4.5:1 in both themes; screenshots docs/images/context_view_{light,dark}.png.
 CONTEXT_NOTEBOOK = REPO / "tests" / "widget_notebooks" / "context_view.ipynb"
 CONTEXT_SELECTORS = (".wb-contextview .wb-title, .wb-contextview .wb-muted, .wb-contextview .wb-cv-span, "
@@ -613,7 +614,14 @@ def test_context_view_in_real_jupyterlab(lab, fresh_page, artifacts):
                            timeout=30_000)
     assert "wb-cv-active" in spans.nth(last).get_attribute("class")
     linked = nb.printed(1, "LINKED") if nb.run(1) else {}
-    assert linked == {"selected": last, "position": expect["positions"][last], "token": expect["positions"][last]}
+    pos = expect["positions"][last]
+    assert linked == {"selected": last, "position": pos, "token": pos, "query": pos}
+    av = nb.cell(0).locator(".wb-attentionview")                     # the long-prompt view follows too
+    page.wait_for_function("([el, t]) => el.textContent.includes(t)",
+                           arg=[av.locator(".wb-minimap-label").element_handle(), f"attention of query {pos}"],
+                           timeout=30_000)
+    assert "rows computed for queries" in av.locator(".wb-minimap-label").inner_text()
+    shot(av, "attention_view_from_rows", artifacts, readme=False)
     spans.nth(last).hover()
     page.wait_for_timeout(200)
     for theme, suffix in (("JupyterLab Light", "light"), ("JupyterLab Dark", "dark")):
