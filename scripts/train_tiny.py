@@ -178,12 +178,76 @@ def lr_at(step: int, args) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(args) -> dict:
+def setup_torch(args) -> None:
+    """Fixed seed, ``args.threads`` CPU threads, denormals flushed to zero."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     # Sharp attention makes denormal floats in the backward pass, which run ~10x slower on x86 CPUs
     # (a run stalled this way at step 450); flushing them to zero is deterministic and costs nothing.
     torch.set_flush_denormal(True)
+
+
+def make_optimizer(model: HookedCommandR, args) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only and ``args.qk_norm_lr_mult`` x the learning rate on QK-norm weights.
+
+    QK-norm bounds every attention score by |w_q||w_k| sqrt(d_head): with the unit initial norm weights no
+    head can attend sharply (a previous-token head tops out near 0.25), and at the base learning rate
+    the weights grow by ~lr per step. A larger learning rate on them lets sharp heads form in time.
+    """
+    groups = {"decay": [], "no_decay": [], "qk_norm": []}
+    for n, p in model.named_parameters():
+        if n.endswith(("q_norm.weight", "k_norm.weight")):
+            groups["qk_norm"].append(p)
+        elif p.dim() == 2 and not n.startswith("embed"):
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    return torch.optim.AdamW([{"params": groups["decay"], "weight_decay": args.weight_decay, "lr_mult": 1.0},
+                              {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
+                              {"params": groups["qk_norm"], "weight_decay": 0.0, "lr_mult": args.qk_norm_lr_mult}],
+                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def start_step(opt: torch.optim.Optimizer, step: int, args) -> None:
+    """Set this step's learning rate on every parameter group and clear the gradients."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, args) * g["lr_mult"]
+    opt.zero_grad(set_to_none=True)
+
+
+def mixture_backward(model: HookedCommandR, parts: list[torch.Tensor]) -> float:
+    """Backward the mean next-token loss over all the tokens of ``Batches.next()``'s parts; returns that mean."""
+    vocab = model.cfg.vocab_size
+    n_tokens = sum(b[:, 1:].numel() for b in parts)
+    loss_sum = 0.0
+    for b in parts:                                  # mean over all the step's tokens
+        logits = model(b[:, :-1])                    # [batch pos vocab]
+        part = F.cross_entropy(logits.float().reshape(-1, vocab), b[:, 1:].reshape(-1), reduction="sum")
+        (part / n_tokens).backward()
+        loss_sum += part.item()
+    return loss_sum / n_tokens
+
+
+def structure_row(m: dict) -> dict:
+    """The rounded head scores and repeat losses of ``structure_metrics`` for a training-history row."""
+    return {"induction_max": round(float(m["induction"].max()), 3),
+            "previous_max": round(float(m["previous"].max()), 3),
+            "loss_first": round(m["loss_first"], 3), "loss_second": round(m["loss_second"], 3)}
+
+
+def add_optim_args(ap: argparse.ArgumentParser, lr: float, warmup: int, qk_norm_lr_mult: float) -> None:
+    """The optimiser and schedule options both training scripts take (their defaults differ)."""
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--min-lr-frac", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--qk-norm-lr-mult", type=float, default=qk_norm_lr_mult,
+                    help="learning-rate multiplier for q/k_norm weights")
+    ap.add_argument("--clip", type=float, default=1.0)
+
+
+def train(args) -> dict:
+    setup_torch(args)
     os.makedirs(args.out, exist_ok=True)
     build_tokenizer(args.out, vocab_size=args.bpe_vocab, seed=args.seed + 1000, model_max_length=args.max_positions)
     tok = Tokenizer.from_pretrained(args.out)
@@ -201,39 +265,15 @@ def train(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config: {cfg.to_dict()}\nparameters: {n_params:,}; tokenizer ids: {len(tok)}", flush=True)
 
-    # QK-norm bounds every attention score by |w_q||w_k| sqrt(d_head): with the unit initial norm weights no
-    # head can attend sharply (a previous-token head tops out near 0.25), and at the base learning rate
-    # the weights grow by ~lr per step. A larger learning rate on them lets sharp heads form in time.
-    groups = {"decay": [], "no_decay": [], "qk_norm": []}
-    for n, p in model.named_parameters():
-        if n.endswith(("q_norm.weight", "k_norm.weight")):
-            groups["qk_norm"].append(p)
-        elif p.dim() == 2 and not n.startswith("embed"):
-            groups["decay"].append(p)
-        else:
-            groups["no_decay"].append(p)
-    opt = torch.optim.AdamW([{"params": groups["decay"], "weight_decay": args.weight_decay, "lr_mult": 1.0},
-                             {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
-                             {"params": groups["qk_norm"], "weight_decay": 0.0, "lr_mult": args.qk_norm_lr_mult}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = make_optimizer(model, args)
     batches = Batches(tok, cfg.vocab_size, args.seq_len, args.batch, args.frac_random, args.seed,
                       (args.rand_min, args.rand_max), args.rand_row_len)
     eval_tokens = repeated_tokens(cfg.vocab_size, tok.bos_token_id, 20, 8, seed=args.seed + 99)
     history = []
     t0, running = time.time(), None
     for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args) * g["lr_mult"]
-        opt.zero_grad(set_to_none=True)
-        parts = batches.next()
-        n_tokens = sum(b[:, 1:].numel() for b in parts)
-        loss_sum = 0.0
-        for b in parts:                                  # mean over all the step's tokens
-            logits = model(b[:, :-1])
-            part = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), b[:, 1:].reshape(-1), reduction="sum")
-            (part / n_tokens).backward()
-            loss_sum += part.item()
-        loss = torch.tensor(loss_sum / n_tokens)
+        start_step(opt, step, args)
+        loss = torch.tensor(mixture_backward(model, batches.next()))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -244,9 +284,7 @@ def train(args) -> dict:
             m = structure_metrics(model, eval_tokens, 20)
             model.attn_impl = "fused"
             row = {"step": step + 1, "loss": round(running, 4), "time_s": round(time.time() - t0, 1),
-                   "induction_max": round(float(m["induction"].max()), 3),
-                   "previous_max": round(float(m["previous"].max()), 3),
-                   "loss_first": round(m["loss_first"], 3), "loss_second": round(m["loss_second"], 3)}
+                   **structure_row(m)}
             history.append(row)
             print(json.dumps(row), "|", repr(chat(model, tok, "Hello, how are you?", 16)), flush=True)
             model.train()
@@ -546,12 +584,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--min-lr-frac", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--qk-norm-lr-mult", type=float, default=10.0, help="learning-rate multiplier for q/k_norm weights")
-    ap.add_argument("--clip", type=float, default=1.0)
+    add_optim_args(ap, lr=3e-3, warmup=50, qk_norm_lr_mult=10.0)
     ap.add_argument("--embed-std", type=float, default=0.02, help="init std of the (tied) embedding")
     ap.add_argument("--frac-random", type=float, default=0.75, help="share of the batch's tokens in [BOS] r r rows")
     ap.add_argument("--rand-min", type=int, default=8)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -56,7 +55,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tiny_data import RagData  # noqa: E402
-from train_tiny import Batches, chat, structure_metrics, repeated_tokens  # noqa: E402
+from train_tiny import (Batches, add_optim_args, chat, evaluate, make_optimizer, mixture_backward,  # noqa: E402
+                        repeated_tokens, setup_torch, start_step, structure_metrics, structure_row,
+                        write_model_card)
 
 from workbench import HookedCommandR  # noqa: E402
 from workbench.kv_cache import KVCache  # noqa: E402
@@ -265,13 +266,6 @@ def rag_accuracy(model: HookedCommandR, tok: Tokenizer, n: int, seed: int = HELD
 
 
 # ----------------------------------------------------------------------------------------- training
-def lr_at(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    t = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def save(model: HookedCommandR, init: str, out: str) -> None:
     """Float16 weights + config + generation_config + the (unchanged) tokenizer files."""
     os.makedirs(out, exist_ok=True)
@@ -284,26 +278,13 @@ def save(model: HookedCommandR, init: str, out: str) -> None:
 
 
 def train(args) -> dict:
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    setup_torch(args)
     tok = Tokenizer.from_pretrained(args.init)
     model = HookedCommandR.from_pretrained(args.init, dtype=torch.float32)
     model.train()
     model.attn_impl = "fused"
     cfg = model.cfg
-    groups = {"decay": [], "no_decay": [], "qk_norm": []}
-    for n, p in model.named_parameters():
-        if n.endswith(("q_norm.weight", "k_norm.weight")):
-            groups["qk_norm"].append(p)
-        elif p.dim() == 2 and not n.startswith("embed"):
-            groups["decay"].append(p)
-        else:
-            groups["no_decay"].append(p)
-    opt = torch.optim.AdamW([{"params": groups["decay"], "weight_decay": args.weight_decay, "lr_mult": 1.0},
-                             {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
-                             {"params": groups["qk_norm"], "weight_decay": 0.0, "lr_mult": args.qk_norm_lr_mult}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = make_optimizer(model, args)
     old = Batches(tok, cfg.vocab_size, 128, args.old_batch, 0.75, args.seed + 10, (8, 30), 64)
     rag = RagBatches(tok, args.rag_batch, args.seed + 20)
     compact = CompactBatches(tok, args.compact_batch, args.seed + 30)
@@ -312,17 +293,8 @@ def train(args) -> dict:
     eval_tokens = repeated_tokens(cfg.vocab_size, tok.bos_token_id, 20, 8, seed=99)
     history, t0, run_old, run_rag = [], time.time(), None, None
     for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args) * g["lr_mult"]
-        opt.zero_grad(set_to_none=True)
-        parts = old.next()
-        n_tokens = sum(b[:, 1:].numel() for b in parts)
-        old_sum = 0.0
-        for b in parts:
-            logits = model(b[:, :-1])
-            part = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), b[:, 1:].reshape(-1), reduction="sum")
-            (part / n_tokens).backward()
-            old_sum += part.item()
+        start_step(opt, step, args)
+        lo = mixture_backward(model, old.next())
         batch = rag.next()
         logits = rag_logits(model, rag.prefix, batch)                     # [batch pos vocab]
         rag_loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), batch["labels"].reshape(-1),
@@ -340,7 +312,7 @@ def train(args) -> dict:
             run_c = c_loss.item() if run_c is None else 0.95 * run_c + 0.05 * c_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        lo, lr_ = old_sum / n_tokens, rag_loss.item()
+        lr_ = rag_loss.item()
         run_old = lo if run_old is None else 0.95 * run_old + 0.05 * lo
         run_rag = lr_ if run_rag is None else 0.95 * run_rag + 0.05 * lr_
         if (step + 1) % args.log_every == 0:
@@ -355,9 +327,7 @@ def train(args) -> dict:
             row = {"step": step + 1, "old_loss": round(run_old, 4), "rag_loss": round(run_rag, 4),
                    "time_s": round(time.time() - t0, 1), "rag_accuracy": acc["accuracy"],
                    "rag_facts": acc["facts"], "rag_cites": acc["cites"], "compact_accuracy": short["accuracy"],
-                   "induction_max": round(float(m["induction"].max()), 3),
-                   "previous_max": round(float(m["previous"].max()), 3),
-                   "loss_first": round(m["loss_first"], 3), "loss_second": round(m["loss_second"], 3)}
+                   **structure_row(m)}
             history.append(row)
             print(json.dumps(row), "|", repr(chat(model, tok, "Hello, how are you?", 16)), "|",
                   repr(acc["examples"][0]["reply"]), flush=True)
@@ -393,8 +363,6 @@ def base_report(card: str) -> dict:
 def write_card(out: str, base_card: str, reports: list, command: str) -> dict:
     """Measure the saved checkpoint ``out`` and write its MODEL_CARD.md (base run + fine-tuning + rag numbers).
     ``reports``: the fine-tuning reports in order (a run resumed from another's checkpoint continues its steps)."""
-    from train_tiny import evaluate, write_model_card
-
     report = base_report(base_card)
     model = HookedCommandR.from_pretrained(out, dtype=torch.float32)
     report["n_params"] = sum(p.numel() for p in model.parameters())
@@ -430,12 +398,7 @@ def main() -> None:
     ap.add_argument("--compact-batch", type=int, default=12, help="short rag rows (no preamble) per step")
     ap.add_argument("--compact-weight", type=float, default=1.0)
     ap.add_argument("--mini-batch", type=int, default=0, help="256-token rows of packed plain-text drills per step")
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--min-lr-frac", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--qk-norm-lr-mult", type=float, default=3.0)
-    ap.add_argument("--clip", type=float, default=1.0)
+    add_optim_args(ap, lr=1.5e-3, warmup=30, qk_norm_lr_mult=3.0)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=16)
     ap.add_argument("--log-every", type=int, default=10)
