@@ -24,7 +24,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from workbench.hook_names import act_name, head_axis
-from .patch_batched import KIND_ALIASES, KIND_DEFAULT, batched_sweep, neuron_axis  # attrib (issue 18)
+from .patch_batched import (KIND_ALIASES, KIND_DEFAULT, batched_sweep, neuron_axis,  # attrib (issue 18)
+                            sweep_values)
 
 from .ablate import Index, lookup, replace
 
@@ -36,6 +37,28 @@ def hook_name(kind: str, layer: int) -> str:
     if layer is None:
         raise ValueError(f"kind {kind!r}: patching needs a layer")
     return act_name(kind, layer)
+
+
+def sweep_hook_names(model, hook_names=None, kind: Optional[str] = None, layers=None,
+                     caller: str = "patch_sweep") -> list:
+    """The hooks a sweep covers: ``hook_names`` (a name or a list) as given, else ``kind`` at every layer of
+    ``layers`` (None: all layers; negative layers count from the end). ``kind`` may be an alias
+    (``"mlp_post"`` = ``"post"``). ``caller`` names the function in the error when neither is given.
+
+    Example::
+
+        sweep_hook_names(model, kind="z", layers=[0, -1])   # ["blocks.0.attn.hook_z", "blocks.3.attn.hook_z"]
+    """
+    if hook_names is None:
+        if kind is None:
+            raise ValueError(f"{caller}: give hook_names or kind (e.g. kind='resid_pre')")
+        kind = KIND_ALIASES.get(kind, kind)
+        n_layers = model.cfg.n_layers
+        layers = range(n_layers) if layers is None else [layer % n_layers for layer in layers]
+        return [hook_name(kind, layer) for layer in layers]
+    if isinstance(hook_names, str):
+        return [hook_names]
+    return list(hook_names)
 
 
 def patch_from(clean, heads: Index = None, positions: Index = None):
@@ -97,26 +120,7 @@ def logit_diff(logits: torch.Tensor, answer, wrong, position: int = -1, reduce: 
     return diff.mean()
 
 
-class _Default:
-    def __repr__(self) -> str:
-        return "<kind default>"
-
-
-DEFAULT = _Default()
-
-
-def _sweep_values(value, n: int, what: str) -> Optional[list]:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value != "all":
-            raise ValueError(f"{what}: expected None, 'all' or a list of indices, got {value!r}")
-        return list(range(n))
-    values = [value] if isinstance(value, int) else [int(v) for v in value]
-    bad = [v for v in values if not -n <= v < n]
-    if bad:
-        raise ValueError(f"{what}: {bad} out of range for size {n}")
-    return [v % n for v in values]
+DEFAULT = KIND_DEFAULT          # "the kind's default" for positions=/heads=/neurons= (one sentinel for every sweep)
 
 
 @torch.no_grad()
@@ -142,25 +146,14 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
                            positions=None)                             # [layer]
         grid = patch_sweep(model, corrupt_ids, clean, metric, kind="z", positions="all", batch_size=16)
     """
-    kind = KIND_ALIASES.get(kind, kind)                       # attrib (issue 18): "mlp_post" = "post"
     corrupted_tokens = torch.as_tensor(corrupted_tokens)
     if model.device.type != "meta":                           # meta = accelerate offload moves inputs itself
         corrupted_tokens = corrupted_tokens.to(model.device)
-    if hook_names is None:
-        if kind is None:
-            raise ValueError("patch_sweep: give hook_names or kind (e.g. kind='resid_pre')")
-        L = model.cfg.n_layers
-        layers = range(L) if layers is None else [layer % L for layer in layers]
-        hook_names = [hook_name(kind, layer) for layer in layers]
-    elif isinstance(hook_names, str):
-        hook_names = [hook_names]
-    hook_names = list(hook_names)
+    hook_names = sweep_hook_names(model, hook_names, kind, layers)
     # ---- attrib (issue 18): batched and per-neuron sweeps run in hooks/patch_batched.py ----
     if batch_size != 1 or neurons is not DEFAULT or any(neuron_axis(n) is not None for n in hook_names):
-        axes = {k: (KIND_DEFAULT if v is DEFAULT else v)
-                for k, v in dict(positions=positions, heads=heads, neurons=neurons).items()}
         return batched_sweep(model, corrupted_tokens, clean_cache, metric, hook_names, batch_size=batch_size,
-                             progress=progress, **axes, **forward_kwargs)
+                             progress=progress, positions=positions, heads=heads, neurons=neurons, **forward_kwargs)
     # ---- end attrib ----
     for name in hook_names:
         model.resolve_hooks(name)                                # unknown names raise before any run
@@ -171,7 +164,7 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
         raise ValueError("patch_sweep: mix hooks with and without a head axis in separate sweeps")
     has_heads = axes.pop() is not None
     n_pos = corrupted_tokens.shape[1]
-    pos_list = _sweep_values(("all" if not has_heads else None) if positions is DEFAULT else positions, n_pos,
+    pos_list = sweep_values(("all" if not has_heads else None) if positions is DEFAULT else positions, n_pos,
                              "positions")
     head_list = None
     if heads is DEFAULT and has_heads:
@@ -180,7 +173,7 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
         if not has_heads:
             raise ValueError(f"heads=: {hook_names[0]!r} has no head axis")
         n_heads = clean_cache[hook_names[0]].shape[head_axis(hook_names[0])]
-        head_list = _sweep_values(heads, n_heads, "heads")
+        head_list = sweep_values(heads, n_heads, "heads")
     shape = [len(hook_names)] + ([len(pos_list)] if pos_list is not None else []) \
         + ([len(head_list)] if head_list is not None else [])
     out = torch.empty(shape, dtype=torch.float32)

@@ -38,8 +38,8 @@ from typing import Callable, Optional
 import torch
 
 from hooks.ablate import pos_axis
-from hooks.patch import DEFAULT, hook_name
-from hooks.patch_batched import KIND_ALIASES, KIND_DEFAULT, SweepPlan, patch_cells, plan_sweep
+from hooks.patch import DEFAULT, sweep_hook_names
+from hooks.patch_batched import SweepPlan, patch_cells, plan_sweep
 
 
 @dataclass
@@ -300,16 +300,7 @@ def attribution_patching(model, clean_ids, corrupted_ids, metric: Callable[[torc
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean_ids {tuple(clean.shape)} and corrupted_ids {tuple(corrupted.shape)} need the same "
                          "shape (each position means the same thing in both runs)")
-    if hook_names is None:
-        if kind is None:
-            raise ValueError("attribution_patching: give kind (e.g. 'z') or hook_names")
-        kind = KIND_ALIASES.get(kind, kind)
-        n_layers = model.cfg.n_layers
-        layer_list = range(n_layers) if layers is None else [layer % n_layers for layer in layers]
-        hook_names = [hook_name(kind, layer) for layer in layer_list]
-    elif isinstance(hook_names, str):
-        hook_names = [hook_names]
-    hook_names = list(hook_names)
+    hook_names = sweep_hook_names(model, hook_names, kind, layers, caller="attribution_patching")
     missing = [n for n in hook_names if n not in model.hook_dict]
     if missing:
         raise ValueError(f"hook_names: {missing} do not exist; model.hook_dict lists the names")
@@ -321,9 +312,8 @@ def attribution_patching(model, clean_ids, corrupted_ids, metric: Callable[[torc
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=hook_names, fwd_hooks=leaf,
                                                          **forward_kwargs)
         clean_metric = float(_scalar(metric(clean_logits), "clean run").detach())
-    axes = {k: (KIND_DEFAULT if v is DEFAULT else v) for k, v in
-            dict(positions=positions, heads=heads, neurons=neurons).items()}
-    plan = plan_sweep(model, clean_cache, hook_names, clean.shape[1], **axes)
+    plan = plan_sweep(model, clean_cache, hook_names, clean.shape[1], positions=positions, heads=heads,
+                      neurons=neurons)
     if method == "atp":
         estimate, corrupted_metric = _atp(model, corrupted, clean_cache, metric, plan, forward_kwargs)
     else:
