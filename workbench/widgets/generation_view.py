@@ -121,42 +121,22 @@ class GenerationView(W.VBox):
         """Have the kernel's shell-channel thread look at the Stop button's messages as they arrive (ipykernel
         ≥ 7 asks each comm where to route a message; we answer as before and set ``stop_event`` on a click).
         Returns False where the kernel has no such thread (then Stop is disabled during ``run()``)."""
-        comm = getattr(self.stop_button, "comm", None)
-        kernel = getattr(comm, "kernel", None)
-        route: Optional[Callable] = getattr(comm, "_reply_subshell_for", None)
-        if route is None or not getattr(kernel, "_supports_kernel_subshells", False) \
-                or getattr(kernel, "shell_channel_thread", None) is None:
-            return False
-
-        def route_and_watch(data: Any, default: Any) -> Any:
-            content = data.get("content") if isinstance(data, dict) else None
-            if self._running and isinstance(content, dict) and content.get("event") == "click":
+        def on_click(content: dict) -> None:
+            if self._running and content.get("event") == "click":
                 self.stop_event.set()
                 self.stop_requested_at = time.time()
-            return route(data, default)
 
-        comm._reply_subshell_for = route_and_watch
-        return True
+        return _watch_comm(self.stop_button, on_click)
 
     def _watch_frame_acks(self) -> bool:
         """Read the page's frame acknowledgements (custom message ``{"rendered": n}`` from the token strip) on
         the shell-channel thread, as they arrive, while the main thread generates. False where the kernel has
         no such thread (then frames go out every ``frame_interval``)."""
-        comm = getattr(self.tokens, "comm", None)
-        kernel = getattr(comm, "kernel", None)
-        route: Optional[Callable] = getattr(comm, "_reply_subshell_for", None)
-        if route is None or not getattr(kernel, "_supports_kernel_subshells", False) \
-                or getattr(kernel, "shell_channel_thread", None) is None:
-            return False
-
-        def route_and_watch(data: Any, default: Any) -> Any:
-            content = data.get("content") if isinstance(data, dict) else None
-            if isinstance(content, dict) and isinstance(content.get("rendered"), int):
+        def on_ack(content: dict) -> None:
+            if isinstance(content.get("rendered"), int):
                 self._acked = content["rendered"]
-            return route(data, default)
 
-        comm._reply_subshell_for = route_and_watch
-        return True
+        return _watch_comm(self.tokens, on_ack)
 
     def _reset(self) -> None:
         """Empty views for a new generation (``run()`` may be called again)."""
@@ -326,3 +306,24 @@ class GenerationView(W.VBox):
                 + self.tokens.to_html(full_page=False) + self.attention.to_html(full_page=False)
                 + self.lens.to_html(full_page=False) + "</div>")
         return snapshot_page(body, "GenerationView", full_page)
+
+
+def _watch_comm(widget: Any, on_content: Callable[[dict], None]) -> bool:
+    """Call ``on_content(content)`` on the kernel's shell-channel thread for each message to ``widget``'s comm
+    as it arrives (ipykernel ≥ 7 asks each comm where to route a message; the answer stays the comm's own).
+    Returns False, and watches nothing, where the kernel has no such thread."""
+    comm = getattr(widget, "comm", None)
+    kernel = getattr(comm, "kernel", None)
+    route: Optional[Callable] = getattr(comm, "_reply_subshell_for", None)
+    if route is None or not getattr(kernel, "_supports_kernel_subshells", False) \
+            or getattr(kernel, "shell_channel_thread", None) is None:
+        return False
+
+    def route_and_watch(data: Any, default: Any) -> Any:
+        content = data.get("content") if isinstance(data, dict) else None
+        if isinstance(content, dict):
+            on_content(content)
+        return route(data, default)
+
+    comm._reply_subshell_for = route_and_watch
+    return True
