@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench import ActivationCache, CommandRConfig, HookedCommandR
+from conftest import jittered_model
+from workbench import ActivationCache
 from workbench.analysis import (direct_logit_attribution, duplicate_token_scores, induction_scores, lens_logits,
                                 logit_lens, previous_occurrence, previous_token_scores, repeated_random_tokens)
 
@@ -19,13 +20,7 @@ L, H, D = 3, 4, 48
 
 @pytest.fixture(scope="module")
 def model():
-    m = HookedCommandR.from_config(CommandRConfig(**CFG), seed=3)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(4)
-        for name, p in m.named_parameters():
-            if "norm" in name or "ln" in name:   # non-unit LayerNorm weights, so skipping them shows
-                p.add_(0.4 * torch.randn(p.shape, generator=g))
-    return m.eval()
+    return jittered_model(CFG, seed=3, norm_seed=4, scale=0.4)   # non-unit LayerNorm weights, so skipping them shows
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import torch
 
 import hooks
 from _reference import make_hf_checkpoint
-from workbench import CommandRConfig, HookedCommandR
+from conftest import jittered_model
+from workbench import HookedCommandR
 from workbench.analysis import AttributionPatching, attribution_patching, repeated_random_tokens
 
 KINDS = ["resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_post"]
@@ -29,14 +30,7 @@ def rank_of(estimate: torch.Tensor, index) -> int:
     return int((estimate.flatten() > estimate.flatten()[index]).sum())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # hundreds of tiny forwards: on a shared, loaded 2-core machine one thread avoids the thread pool's
-    # synchronisation cost per op (results do not depend on it)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clean_cache_for(model, clean, kind, **kw):
@@ -185,13 +179,7 @@ CFG = dict(vocab_size=89, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp
 
 @pytest.fixture(scope="module")
 def small():
-    m = HookedCommandR.from_config(CommandRConfig(**CFG), seed=1)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
-        for name, p in m.named_parameters():
-            if "norm" in name or "ln" in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return m.eval()
+    return jittered_model(CFG, seed=1, norm_seed=2, scale=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -332,19 +320,7 @@ def test_gradients_through_cpu_and_disk_offload(tmp_path):
     assert all(p.requires_grad for n, p in off.named_parameters() if not p.is_meta)
 
 
-def _bnb_4bit_or_skip():
-    bnb = pytest.importorskip("bitsandbytes")
-    try:
-        lin = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, device="meta")
-        lin.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, module=lin).to("cpu")
-        lin(torch.randn(2, 64))
-    except Exception as e:  # noqa: BLE001 - any failure means "not on this CPU"
-        pytest.skip(f"bitsandbytes cannot run 4-bit on this CPU ({type(e).__name__}: {e})")
-    return bnb
-
-
-def test_4bit_quantized_model_gradients_or_a_clear_error(tmp_path):
-    bnb = _bnb_4bit_or_skip()
+def test_4bit_quantized_model_gradients_or_a_clear_error(tmp_path, bnb):
     ckpt = make_hf_checkpoint(tmp_path / "q", seed=7, hidden_size=128, intermediate_size=256,
                               num_attention_heads=4, num_key_value_heads=2)
     fp32 = HookedCommandR.from_pretrained(ckpt, progress=False)

@@ -11,23 +11,7 @@ from workbench.kv_cache import KVCache
 VOCAB = 97
 
 
-def _bnb_cpu_or_skip():
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        pytest.skip(f"bitsandbytes not installed ({e})")
-    try:  # can this build quantize and multiply on the CPU?
-        lin = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, device="meta")
-        lin.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, module=lin).to("cpu")
-        lin(torch.randn(2, 64))
-    except Exception as e:  # noqa: BLE001 - any failure means "not on this CPU"
-        pytest.skip(f"bitsandbytes cannot run 4-bit on this CPU ({type(e).__name__}: {e})")
-    return bnb
-
-
-@pytest.fixture(scope="module")
-def bnb():
-    return _bnb_cpu_or_skip()
+# ``bnb`` (tests/conftest.py): the bitsandbytes module, or a skip where it cannot run 4-bit on this CPU.
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workbench import HookedCommandR
 from workbench.sae import SAE, SAEConfig, bundled_saes
 from workbench.sae_train import evaluate_sae
 
@@ -18,17 +17,12 @@ BUNDLED = "command-r-tiny-res-l2"
 HOOK = "blocks.2.hook_resid_post"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return HookedCommandR.from_pretrained("command-r-tiny", dtype=torch.float32, progress=False)
+def model(bundled_model):
+    return bundled_model
 
 
 @pytest.fixture(scope="module")

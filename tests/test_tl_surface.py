@@ -21,18 +21,12 @@ from workbench.hook_names import get_act_name
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's forwards are ~25x slower with 2 threads on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return HookedCommandR.from_pretrained("command-r-tiny", dtype=torch.float32, progress=False)
+def model(bundled_model):
+    return bundled_model
 
 
 @pytest.fixture(scope="module")
