@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import HookedCommandR
 from workbench.analysis import context_attribution
 from workbench.analysis.context_methods import lasso
 from workbench.analysis.rag_spans import parse_citations, rag_prompt
@@ -30,15 +29,17 @@ DOCUMENTS = [{"title": "Tall penguins", "text": "Emperor penguins are the talles
              {"title": "What are animals?", "text": "Animals are different from plants."}]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained("command-r-tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return HookedCommandR.from_pretrained("command-r-tiny", dtype=torch.float32)
+def tok(bundled_tokenizer):
+    return bundled_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(bundled_model):
+    return bundled_model
 
 
 def held_out(n: int, kind=None) -> list:

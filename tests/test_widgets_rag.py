@@ -8,10 +8,8 @@ import json
 import pytest
 import torch
 
-from workbench import HookedCommandR
 from workbench.analysis import attention_rows, context_attribution, spans_from_chat
 from workbench.hook_names import act_name
-from workbench.tokenizer import Tokenizer
 from workbench.widgets import AttentionView, ContextView, TokenView, link_selection
 from workbench.widgets._base import from_f16 as _from_f16
 from workbench.widgets.attention_data import pool1d
@@ -27,15 +25,17 @@ def from_f16(data: bytes) -> torch.Tensor:
 MESSAGES = [{"role": "user", "content": "Where is item 7 stored?"}]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained("command-r-tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return HookedCommandR.from_pretrained("command-r-tiny", dtype=torch.float32)
+def tok(bundled_tokenizer):
+    return bundled_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(bundled_model):
+    return bundled_model
 
 
 @pytest.fixture(scope="module")
