@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import anywidget
 import traitlets
 
-from ._base import static_text
+from ._base import esm, static_text
 from .snapshot import SnapshotMixin, esc, snapshot_page
 
 
@@ -76,7 +76,7 @@ class ContextView(SnapshotMixin, anywidget.AnyWidget):
         link_selection(ContextView(results), TokenView(tok, results[0].prompt_ids + results[0].response_ids))
     """
 
-    _esm = static_text("context_view.js")
+    _esm = esm("context_view.js")
     _css = static_text("context_view.css")
 
     data_json = traitlets.Unicode("{}").tag(sync=True)

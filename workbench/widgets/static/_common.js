@@ -395,6 +395,17 @@ function setTrait(model, name, value) {
   model.save_changes();
 }
 
+// A click on a token chip (.wb-tok) inside `box` sets trait `name` to its index; clicking the one already chosen
+// sets -1 (none).
+function toggleTokenOnClick(box, model, name) {
+  box.addEventListener("click", (ev) => {
+    const c = ev.target.closest(".wb-tok");
+    if (!c) return;
+    const i = Number(c.dataset.index);
+    setTrait(model, name, i === model.get(name) ? -1 : i);
+  });
+}
+
 // Coalesce the several trait changes of one update into one redraw per animation frame. Redraw time is added up
 // in window.wbRenderStats ({count, ms, max}) so a test or a curious user can see what the views cost the page.
 function scheduler(fn) {

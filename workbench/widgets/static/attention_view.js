@@ -351,12 +351,7 @@ function render({ model, el }) {
     tip.show(tokenTip(t).concat(extra), ev);
   });
   strip.addEventListener("mouseleave", () => tip.hide());
-  strip.addEventListener("click", (ev) => {
-    const c = ev.target.closest(".wb-tok");
-    if (!c) return;
-    const i = Number(c.dataset.index);
-    setTrait(model, "query", i === model.get("query") ? -1 : i);
-  });
+  toggleTokenOnClick(strip, model, "query");
 
   let coloured = false;
   function drawStrip() {

@@ -1,16 +1,6 @@
 // ContextView: the reply with its spans; hover or click a span to rank the documents by each method.
-// Self-contained (no shared helpers); text only ever reaches the DOM through textContent.
-
-function el_(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
-
-function clear_(e) {
-  while (e.firstChild) e.removeChild(e.firstChild);
-}
+// Uses _common.js's node() and clear() (prepended by the Python side); text only ever reaches the DOM through
+// textContent.
 
 // A translucent blue over the theme's background; the text keeps the theme's colour (readable on both themes).
 function shade(p) {
@@ -19,13 +9,13 @@ function shade(p) {
 }
 
 function render({ model, el }) {
-  const root = el_("div", "wb-root wb-contextview");
-  const head = el_("div", "wb-head");
-  const title = el_("span", "wb-title");
-  const pick = el_("select", "wb-select");
-  head.append(title, el_("span", "wb-muted", "shade by"), pick);
-  const reply = el_("div", "wb-cv-response");
-  const panel = el_("div", "wb-cv-panel");
+  const root = node("div", "wb-root wb-contextview");
+  const head = node("div", "wb-head");
+  const title = node("span", "wb-title");
+  const pick = node("select", "wb-select");
+  head.append(title, node("span", "wb-muted", "shade by"), pick);
+  const reply = node("div", "wb-cv-response");
+  const panel = node("div", "wb-cv-panel");
   root.append(head, reply, panel);
   el.appendChild(root);
   let hover = -1;
@@ -35,12 +25,12 @@ function render({ model, el }) {
   }
 
   function drawReply(d) {
-    clear_(reply);
+    clear(reply);
     const text = d.response || "";
     let at = 0;
     (d.spans || []).forEach((s, i) => {
       if (s.start > at) reply.appendChild(document.createTextNode(text.slice(at, s.start)));
-      const e = el_("span", "wb-cv-span", text.slice(s.start, s.end));
+      const e = node("span", "wb-cv-span", text.slice(s.start, s.end));
       if (i === model.get("selected")) e.classList.add("wb-cv-active");
       const m = (d.methods || {})[model.get("method")];
       if (m && m.disagree[i]) e.classList.add("wb-cv-disagree");
@@ -57,50 +47,50 @@ function render({ model, el }) {
   }
 
   function drawPanel(d) {
-    clear_(panel);
+    clear(panel);
     const s = hover >= 0 ? hover : model.get("selected");
     if (s < 0 || !d.spans || !d.spans[s]) {
-      panel.appendChild(el_("div", "wb-muted", "hover or click a span of the reply"));
+      panel.appendChild(node("div", "wb-muted", "hover or click a span of the reply"));
       return;
     }
     const span = d.spans[s];
-    const line = el_("div");
-    if (span.label) line.appendChild(el_("span", "wb-cv-label", span.label));
-    line.appendChild(el_("span", "wb-cv-span", span.text));
+    const line = node("div");
+    if (span.label) line.appendChild(node("span", "wb-cv-label", span.label));
+    line.appendChild(node("span", "wb-cv-span", span.text));
     panel.appendChild(line);
     const method = d.methods[model.get("method")] || d.methods[d.order[0]];
     const row = method.scores[s];
     const hi = Math.max(...row.map((x) => Math.max(x, 0)), 1e-9);
-    const table = el_("table", "wb-cv-table");
-    const th = el_("tr");
-    ["doc", "title"].concat(d.order).concat(["model"]).forEach((h) => th.appendChild(el_("th", "", h)));
+    const table = node("table", "wb-cv-table");
+    const th = node("tr");
+    ["doc", "title"].concat(d.order).concat(["model"]).forEach((h) => th.appendChild(node("th", "", h)));
     table.appendChild(th);
     method.ranks[s].forEach((i) => {
       const doc = d.documents[i];
-      const tr = el_("tr");
+      const tr = node("tr");
       tr.style.background = shade(Math.max(row[i], 0) / hi * 0.8);
       tr.title = doc.text;
       tr.className = "wb-cv-doc" + (i === method.ranks[s][0] ? " wb-cv-top" : "");
       tr.dataset.doc = String(i);
-      tr.append(el_("td", "", String(i)), el_("td", "", doc.title));
+      tr.append(node("td", "", String(i)), node("td", "", doc.title));
       d.order.forEach((m) => {
         const r = d.methods[m].ranks[s].indexOf(i) + 1;
-        tr.appendChild(el_("td", "", `#${r} (${d.methods[m].scores[s][i].toPrecision(3)})`));
+        tr.appendChild(node("td", "", `#${r} (${d.methods[m].scores[s][i].toPrecision(3)})`));
       });
-      tr.appendChild(el_("td", d.citations[s][i] ? "wb-cv-cited" : "", d.citations[s][i] ? "\u2713 cited" : ""));
+      tr.appendChild(node("td", d.citations[s][i] ? "wb-cv-cited" : "", d.citations[s][i] ? "\u2713 cited" : ""));
       table.appendChild(tr);
     });
     panel.appendChild(table);
     const flags = d.order.filter((m) => d.methods[m].disagree[s]);
-    if (flags.length) panel.appendChild(el_("div", "wb-cv-flag", `top document not cited by the span: ${flags.join(", ")}`));
+    if (flags.length) panel.appendChild(node("div", "wb-cv-flag", `top document not cited by the span: ${flags.join(", ")}`));
   }
 
   function draw() {
     const d = data();
     title.textContent = model.get("title") || "";
-    clear_(pick);
+    clear(pick);
     (d.order || []).forEach((m) => {
-      const o = el_("option", "", m);
+      const o = node("option", "", m);
       o.value = m;
       if (m === model.get("method")) o.selected = true;
       pick.appendChild(o);

@@ -27,12 +27,7 @@ function render({ model, el }) {
     if (t) tip.show(tokenTip(t), ev);
   });
   chips.addEventListener("mouseleave", () => tip.hide());
-  chips.addEventListener("click", (ev) => {
-    const c = ev.target.closest(".wb-tok");
-    if (!c) return;
-    const i = Number(c.dataset.index);
-    setTrait(model, "selected", i === model.get("selected") ? -1 : i);
-  });
+  toggleTokenOnClick(chips, model, "selected");
 
   function draw() {
     const tokens = tokensOf(model);
