@@ -59,6 +59,16 @@ def bnb():
     return bnb
 
 
+def alias_fixture(of: str):
+    """A module-scoped fixture that is fixture ``of`` under the name a test module assigns it to, so its tests
+    keep their own parameter names: ``model = alias_fixture("bundled_model")``."""
+    @pytest.fixture(scope="module")
+    def alias(request):
+        return request.getfixturevalue(of)
+
+    return alias
+
+
 def jittered_model(cfg: dict, seed: int, norm_seed: int, scale: float) -> HookedCommandR:
     """A random model from ``CommandRConfig(**cfg)`` whose LayerNorm / QK-norm weights are moved off 1 by
     ``scale`` x normal noise (so a computation that skipped them would show), in eval mode."""

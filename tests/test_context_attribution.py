@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import alias_fixture
 from workbench.analysis import context_attribution
 from workbench.analysis.context_methods import lasso
 from workbench.analysis.rag_spans import parse_citations, rag_prompt
@@ -30,16 +31,8 @@ DOCUMENTS = [{"title": "Tall penguins", "text": "Emperor penguins are the talles
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok(bundled_tokenizer):
-    return bundled_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(bundled_model):
-    return bundled_model
+tok = alias_fixture("bundled_tokenizer")
+model = alias_fixture("bundled_model")
 
 
 def held_out(n: int, kind=None) -> list:

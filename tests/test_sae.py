@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import alias_fixture
 from workbench.sae import SAE, SAEConfig, bundled_saes
 from workbench.sae_train import evaluate_sae
 
@@ -18,11 +19,7 @@ HOOK = "blocks.2.hook_resid_post"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model(bundled_model):
-    return bundled_model
+model = alias_fixture("bundled_model")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from conftest import alias_fixture
 from hooks import patch_sweep
-from workbench import HookedCommandR
 from workbench.model import layer_norm_fp32
 from workbench.tl_factored import FactoredMatrix
 from workbench.hook_names import get_act_name
@@ -22,11 +22,7 @@ PROMPT = "The capital of France is"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model(bundled_model):
-    return bundled_model
+model = alias_fixture("bundled_model")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import alias_fixture
 from workbench.analysis import attention_rows, context_attribution, spans_from_chat
 from workbench.hook_names import act_name
 from workbench.widgets import AttentionView, ContextView, TokenView, link_selection
@@ -26,16 +27,8 @@ MESSAGES = [{"role": "user", "content": "Where is item 7 stored?"}]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok(bundled_tokenizer):
-    return bundled_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(bundled_model):
-    return bundled_model
+tok = alias_fixture("bundled_tokenizer")
+model = alias_fixture("bundled_model")
 
 
 @pytest.fixture(scope="module")
