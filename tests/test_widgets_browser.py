@@ -214,6 +214,19 @@ def shot(locator, name: str, artifacts: Path, readme: bool = True) -> None:
         (IMAGES / f"{name}.png").write_bytes(png)
 
 
+def start_generating(nb: Notebook, page, show: int):
+    """Run cell ``show`` (it displays a GenerationView), start cell ``show + 1`` (its ``run()``) without waiting
+    for it, and wait until the view's token count moves; returns the view's output area."""
+    nb.run(show)
+    view = nb.cell(show).locator(".jp-OutputArea")
+    count = view.locator(".wb-tokenview .wb-tokcount")
+    count.wait_for()
+    first = count.inner_text()
+    nb.start(show + 1)
+    page.wait_for_function("([el, t]) => el.textContent !== t", arg=[count.element_handle(), first], timeout=60_000)
+    return view
+
+
 def _hover_tip(root, target, x: float | None = None, y: float | None = None) -> str:
     """Hover ``target`` (at (x, y) inside it, or its centre) and return the view's tooltip text."""
     target.scroll_into_view_if_needed()
@@ -452,13 +465,7 @@ def test_views_in_real_jupyterlab(lab, page, artifacts):
     shots["generation_view"] = gv
 
     # --- Stop during run(): the click reaches the running loop (status "stopped" within 0.5 s)
-    nb.run(9)
-    sv = nb.cell(9).locator(".jp-OutputArea")
-    scount = sv.locator(".wb-tokenview .wb-tokcount")
-    scount.wait_for()
-    first = scount.inner_text()
-    nb.start(10)
-    page.wait_for_function("([el, t]) => el.textContent !== t", arg=[scount.element_handle(), first], timeout=60_000)
+    sv = start_generating(nb, page, 9)
     button = sv.get_by_role("button", name="Stop")
     assert button.is_enabled(), "Stop is disabled during run(): " + sv.locator(".wb-stop-note").inner_text()
     # times taken in the page: the click, and the status turning to "stopped" (a MutationObserver)
@@ -516,13 +523,7 @@ def test_views_in_real_jupyterlab(lab, page, artifacts):
     shots["compare_view"] = cmp
 
     # --- a kernel interrupt ends run() cleanly and the status says so
-    nb.run(13)
-    iv = nb.cell(13).locator(".jp-OutputArea")
-    icount = iv.locator(".wb-tokenview .wb-tokcount")
-    icount.wait_for()
-    first = icount.inner_text()
-    nb.start(14)
-    page.wait_for_function("([el, t]) => el.textContent !== t", arg=[icount.element_handle(), first], timeout=60_000)
+    iv = start_generating(nb, page, 13)
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:interrupt-kernel'); return 1; }")
     page.wait_for_function("(el) => el.textContent.startsWith('interrupted')",
                            arg=iv.locator(".wb-gen-status").element_handle(), timeout=30_000)
