@@ -121,6 +121,15 @@ def _shutdown_sessions(url: str, token: str) -> None:
         pass
 
 
+def new_tab(context):
+    """A new tab in browser ``context`` that dismisses dialogs (their messages in ``tab.dialogs``), 60 s timeouts."""
+    pg = context.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.set_default_timeout(60_000)
+    return pg
+
+
 @pytest.fixture(scope="module")
 def page(lab, tmp_path_factory):
     from playwright.sync_api import sync_playwright
@@ -128,10 +137,7 @@ def page(lab, tmp_path_factory):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1200, "height": 2200}, accept_downloads=True)
-        pg = context.new_page()
-        pg.dialogs = []
-        pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
-        pg.set_default_timeout(60_000)
+        pg = new_tab(context)
         try:
             yield pg
         finally:
@@ -569,10 +575,7 @@ CONTEXT_SELECTORS = (".wb-contextview .wb-title, .wb-contextview .wb-muted, .wb-
 @pytest.fixture()
 def fresh_page(page):
     """A new tab beside the shared one (leaving a notebook with unsaved output asks "leave page?")."""
-    pg = page.context.new_page()
-    pg.dialogs = []
-    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
-    pg.set_default_timeout(60_000)
+    pg = new_tab(page.context)
     try:
         yield pg
     finally:
