@@ -30,7 +30,9 @@ from torch import nn
 
 from . import offload as off
 from .bundled import BUNDLED_MODELS, resolve_model_path as resolve_bundled
+from .checkpoint_shapes import check_sizes
 from .config import CommandRConfig, parse_dtype
+from .device_map_checks import check_device_map
 from .quantization import QuantizationConfig, replace_linear_layers
 from .safetensors_files import CheckpointError, TensorEntry, cast_tensor, read_header, read_tensor, same_values
 from .weights import torch_device
@@ -116,8 +118,12 @@ def find_weight_files(path: str) -> tuple[list[str], Optional[dict]]:
         try:
             with open(index_file, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: expected JSON with a 'weight_map' object ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                       and os.path.basename(v) == v for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_file}: weight_map must map tensor names to shard file names in this "
+                                  f"folder, got {type(weight_map).__name__} {str(weight_map)[:200]}")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
@@ -350,6 +356,7 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
         raise ValueError("pass either device or device_map, not both")
     generation_config = read_generation_config(path)
     entries = scan_checkpoint(path)
+    check_sizes(cfg, entries, path)      # config sizes vs the tensor headers, before building anything
     embed = entries.get("model.embed_tokens.weight")
     target = resolve_dtype(cfg, torch_dtype, dtype, getattr(embed, "dtype", None))
     with torch.device("meta"), _skip_init():
@@ -364,6 +371,7 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
         replace_linear_layers(model, quant, target)
     else:
         quant = None
+    check_device_map(device_map, model)  # overlapping keys fail inside accelerate after offload files are written
     device_map = off.resolve_device_map(model, device_map, max_memory, target, device)
     if quant is not None and "disk" in device_map.values():
         raise ValueError("device_map: a quantized model cannot be offloaded to disk; give it more max_memory")
