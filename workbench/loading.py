@@ -32,7 +32,7 @@ from . import offload as off
 from .bundled import BUNDLED_MODELS, resolve_model_path as resolve_bundled
 from .checkpoint_shapes import check_sizes
 from .config import CommandRConfig, parse_dtype
-from .device_map_checks import check_device_map
+from .device_map_checks import disjoint_device_map
 from .quantization import QuantizationConfig, replace_linear_layers
 from .safetensors_files import CheckpointError, TensorEntry, cast_tensor, read_header, read_tensor, same_values
 from .weights import torch_device
@@ -371,7 +371,7 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
         replace_linear_layers(model, quant, target)
     else:
         quant = None
-    check_device_map(device_map, model)  # overlapping keys fail inside accelerate after offload files are written
+    device_map = disjoint_device_map(device_map, model)  # overlapping keys would fail inside accelerate
     device_map = off.resolve_device_map(model, device_map, max_memory, target, device)
     if quant is not None and "disk" in device_map.values():
         raise ValueError("device_map: a quantized model cannot be offloaded to disk; give it more max_memory")
