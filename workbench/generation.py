@@ -169,6 +169,8 @@ def resolve_settings(model, n_prompt: int, max_new_tokens=_UnsetInt(20), eos_tok
         pad = eos[0]
     if eos is not None and pad is None:
         raise ValueError("pad_token_id is required to pad finished sequences (model.cfg.pad_token_id is None)")
+    if pad is not None and not 0 <= pad < model.cfg.vocab_size and any(0 <= e < model.cfg.vocab_size for e in eos or []):
+        raise ValueError(f"pad_token_id={pad} is outside the vocabulary [0, {model.cfg.vocab_size}): finished rows are fed it")
     max_new = _resolve_max_new(get, max_new_tokens, n_prompt)
     if isinstance(max_new, numbers.Integral) and not isinstance(max_new, bool):
         max_new = int(max_new)
@@ -319,14 +321,19 @@ def decode_loop(model, prompt: Prompt, s: Settings, callbacks: StepCallbacks,
         while True:
             scores = process_scores(logits, out[:, :t], s.do_sample, s.temperature, s.top_k, s.top_p,
                                     s.repetition_penalty, prompt.prompt_start)
+            nan_rows = torch.isnan(logits).any(-1) & unfinished    # hardB (issue 15.5): read with the EOS check
             tokens = sample(scores, s.do_sample, generator)
             if eos is not None:
                 tokens = torch.where(unfinished, tokens, s.pad)
                 unfinished &= ~torch.isin(tokens, eos)
+            any_nan, any_left = torch.stack([nan_rows.any(), unfinished.any()]).tolist()   # one sync per step
+            if any_nan:
+                raise FloatingPointError(f"generate: NaN logits at step {step} in row(s) {nan_rows.nonzero().flatten().tolist()}"
+                                         "; check the weights, the dtype (float16 overflow?) and hooks")
             out[:, t] = tokens
             t += 1
             callbacks.step(step, tokens, out[:, :t], step_positions, scores, unfinished)
-            if t >= total or not bool(unfinished.any()) or _stopped(stop):
+            if t >= total or not any_left or _stopped(stop):
                 return t
             step += 1
             step_positions = prompt.positions[:, -1:] + step
