@@ -124,6 +124,9 @@ class CommandRConfig(TLConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{_HF_NAME.get(name, name)}: expected a positive integer, got {value!r}")
+            if value > (_MAX_LAYERS if name == "n_layers" else _MAX_SIZE):   # absurd: refuse before building lists
+                raise ConfigError(f"{_HF_NAME.get(name, name)}: {value} is absurdly large (at most "
+                                  f"{_MAX_LAYERS if name == 'n_layers' else _MAX_SIZE})")
         if self.d_head is not None and (not isinstance(self.d_head, int) or isinstance(self.d_head, bool)
                                         or self.d_head <= 0):
             raise ConfigError(f"head_dim: expected a positive integer, got {self.d_head!r}")
@@ -220,10 +223,10 @@ class CommandRConfig(TLConfigMixin):
             raise ConfigError(
                 f"model_type: {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        d = {k: v for k, v in d.items() if v is not None}   # null means absent, as in transformers
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
-            raise ConfigError(f"config.json is missing required keys: {missing}")
-        d = {k: v for k, v in d.items() if v is not None}   # null means absent, as in transformers
+            raise ConfigError(f"config.json is missing required keys (or has them null): {missing}")
         rope = d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"rope_parameters: expected an object, got {rope!r}")
@@ -354,6 +357,7 @@ class CommandRConfig(TLConfigMixin):
 
 _HF_NAME = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_mlp": "intermediate_size"}
+_MAX_LAYERS, _MAX_SIZE = 1_000_000, 2**31 - 1
 _BOOL_FIELDS = ("use_qk_norm", "tie_word_embeddings", "attention_bias")
 _POSITIVE_FLOATS = ("rope_theta", "layer_norm_eps", "logit_scale")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
