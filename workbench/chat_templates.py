@@ -34,6 +34,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2 import nodes
+from jinja2.visitor import NodeTransformer
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["ChatTemplateError", "DEFAULT_LIMITS", "TemplateLimitError", "TemplateLimits", "UnsafeTemplateError",
@@ -169,14 +170,41 @@ class _NoTemplateLoader(jinja2.BaseLoader):
         raise jinja2.exceptions.SecurityError(f"importing or including another template ({template!r})")
 
 
+class _BoundedConcat(NodeTransformer):
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
+        self.generic_visit(node)
+        return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), "_wb_concat", [], [], None, None,
+                            lineno=node.lineno)
+
+
+def _concat(items: list) -> str:
+    """``a ~ b ~ c``, its length checked before joining (doubling a string in a loop grows without bound)."""
+    budget = _BUDGET.get()
+    budget.step()
+    parts = [str(x) for x in items]
+    if sum(map(len, parts)) > budget.limits.max_output_chars:
+        raise TemplateLimitError(f"chat template builds a string of {sum(map(len, parts))} characters with '~', over "
+                                 f"max_output_chars={budget.limits.max_output_chars} (TemplateLimits)")
+    return "".join(parts)
+
+
+def _bounded_lipsum(fn: Any) -> Any:
+    def lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002 - Jinja's names
+        if n * max > _BUDGET.get().limits.max_output_chars // 8:
+            raise TemplateLimitError(f"chat template asks lipsum for {n} paragraphs of up to {max} words, over "
+                                     "max_output_chars (TemplateLimits)")
+        return fn(n=n, html=html, min=min, max=max)
+    return lipsum
+
+
 class _ChatSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset(_BINOPS)    # also keeps the optimizer from folding 10 ** 10**8 at compile time
 
     def _parse(self, source: str, name: Any, filename: Any) -> nodes.Template:
         tree = super()._parse(source, name, filename)
-        for loop in tree.find_all(nodes.For):   # count loop iterations (the filter is registered below)
+        for loop in tree.find_all(nodes.For):   # count loop iterations (the filters are registered below)
             loop.iter = nodes.Filter(loop.iter, "_wb_counted", [], [], None, None, lineno=loop.lineno)
-        return tree
+        return _BoundedConcat().visit(tree)     # `a ~ b` is no binop: bound it through a filter too
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         budget = _BUDGET.get()
@@ -248,7 +276,8 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     for name, fn in list(env.filters.items()):
         env.filters[name] = _bounded_filter(name, fn)
-    env.filters["_wb_counted"] = _counted
+    env.filters.update(_wb_counted=_counted, _wb_concat=_concat)
+    env.globals["lipsum"] = _bounded_lipsum(env.globals["lipsum"])
     env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        dict=_TemplateDict(), namespace=_TemplateNamespace)
     try:

@@ -254,8 +254,8 @@ def read_generation_config(path: str) -> dict:
     try:
         with open(file, encoding="utf-8") as f:
             d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d
