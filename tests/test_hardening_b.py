@@ -94,6 +94,8 @@ def test_positions_past_max_and_nan_logits(ckpt):
     ("{{ 'a' * 10**9 }}", "max_output_chars"),
     ("{{ 'a'|center(10**9) }}", "max_output_chars"),
     ("{% for i in range(20000) %}{{ 'x' * 1000 }}{% endfor %}", "max_output_chars"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+     "max_output_chars"),
     ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}", "max_steps"),
 ])
 def test_templates_bounded_in_time_and_size(source, limit):
