@@ -89,7 +89,14 @@ class _Budget:
         return value
 
 
-_BUDGET: ContextVar[_Budget] = ContextVar("chat_template_budget", default=_Budget(DEFAULT_LIMITS))
+_BUDGET: ContextVar[_Budget | None] = ContextVar("chat_template_budget", default=None)
+
+
+def _budget() -> _Budget:
+    """The budget of the ``render_template`` call running; outside one (a bare ``compile_template(...).render``)
+    a fresh one each time, so sizes are still bounded but nothing accumulates across renders."""
+    return _BUDGET.get() or _Budget(DEFAULT_LIMITS)
+
 _BINOPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
            "//": operator.floordiv, "%": operator.mod, "**": operator.pow}
 _SIZED = (str, list, tuple)
@@ -124,7 +131,7 @@ def _check_binop(budget: _Budget, op: str, left: Any, right: Any) -> None:
 
 def _counted(iterable: Any) -> Any:
     """Every ``{% for %}`` loop iterates through this: one step per item."""
-    budget = _BUDGET.get()
+    budget = _budget()
     for item in iterable:
         budget.step()
         yield item
@@ -179,7 +186,7 @@ class _BoundedConcat(NodeTransformer):
 
 def _concat(items: list) -> str:
     """``a ~ b ~ c``, its length checked before joining (doubling a string in a loop grows without bound)."""
-    budget = _BUDGET.get()
+    budget = _budget()
     budget.step()
     parts = [str(x) for x in items]
     if sum(map(len, parts)) > budget.limits.max_output_chars:
@@ -190,7 +197,7 @@ def _concat(items: list) -> str:
 
 def _bounded_lipsum(fn: Any) -> Any:
     def lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002 - Jinja's names
-        if n * max > _BUDGET.get().limits.max_output_chars // 8:
+        if n * max > _budget().limits.max_output_chars // 8:
             raise TemplateLimitError(f"chat template asks lipsum for {n} paragraphs of up to {max} words, over "
                                      "max_output_chars (TemplateLimits)")
         return fn(n=n, html=html, min=min, max=max)
@@ -207,13 +214,13 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
         return _BoundedConcat().visit(tree)     # `a ~ b` is no binop: bound it through a filter too
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        budget = _BUDGET.get()
+        budget = _budget()
         budget.step()
         _check_binop(budget, operator, left, right)
         return budget.check_size(_BINOPS[operator](left, right), repr(operator))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
-        budget = _BUDGET.get()
+        budget = _budget()
         budget.step(4)                                    # a call (a macro renders its body) costs more than a step
         bound = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)   # the sandbox wraps str.format
         if isinstance(bound, str) and getattr(__obj, "__name__", "") in ("format", "format_map"):
@@ -246,7 +253,7 @@ def _bounded_filter(name: str, fn: Any) -> Any:
     """A built-in filter whose size arguments (``center(10**9)``) and result are bounded like operators."""
     skip = 2 if hasattr(fn, "jinja_pass_arg") else 1      # pass_context / pass_environment filters get one more
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        budget = _BUDGET.get()
+        budget = _budget()
         budget.step()
         values = [*args[skip:], *kwargs.values()]        # the size arguments after the filtered value
         if name in _SIZE_ARGS or name in ("format", "replace", "join"):
