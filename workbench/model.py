@@ -432,7 +432,7 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
                 raise ValueError(f"position_ids: expected a tensor of shape [batch or 1, pos] = [{batch} or 1, {n_new}], got {got}")
         # hardB (issue 15.5): id range and last position read back together, in one device sync
         stats = [input_ids.min(), input_ids.max()] if input_ids.numel() else []
-        if position_ids is not None and position_ids.numel():
+        if stats and position_ids is not None:
             stats.append(position_ids.max().to(input_ids.device, input_ids.dtype))
         values = torch.stack(stats).tolist() if stats else []
         if values and (values[0] < 0 or values[1] >= self.cfg.vocab_size):
