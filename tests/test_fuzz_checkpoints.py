@@ -5,7 +5,6 @@ an inconsistent header. Each case runs under a 10 s alarm; the whole file takes 
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
