@@ -24,6 +24,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from workbench.hook_names import act_name, head_axis
+from .patch_batched import KIND_ALIASES, KIND_DEFAULT, batched_sweep, neuron_axis  # attrib (issue 18)
 
 from .ablate import Index, lookup, replace
 
@@ -121,7 +122,8 @@ def _sweep_values(value, n: int, what: str) -> Optional[list]:
 @torch.no_grad()
 def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Callable[[torch.Tensor], torch.Tensor],
                 hook_names: Union[None, str, list] = None, kind: Optional[str] = None, layers=None,
-                positions=DEFAULT, heads=DEFAULT, progress: bool = False, **forward_kwargs) -> torch.Tensor:
+                positions=DEFAULT, heads=DEFAULT, progress: bool = False, batch_size: int = 1,
+                neurons=DEFAULT, **forward_kwargs) -> torch.Tensor:
     """Patch one clean activation slice at a time into the corrupted run; the metric of each run.
 
     Swept axes, in order: the hooks (``hook_names``, or ``kind`` at every layer of ``layers``),
@@ -130,11 +132,17 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
     -> ``[layer pos]``), heads swept for per-head kinds (``z``, ``pattern``… -> ``[layer head]``).
     ``metric(logits) -> scalar``. Returns float32 ``[n_hooks (n_pos) (n_heads)]``.
 
+    MLP neuron hooks (kind ``"mlp_post"``/``"post"``, ``"pre"``, ``"pre_linear"``) sweep ``neurons``
+    (default all, positions at once: ``[layer neuron]``). ``batch_size=N`` runs N patched copies of
+    the corrupted prompt per forward (hooks/patch_batched.py): the same grid up to float rounding.
+
     Example::
 
         grid = patch_sweep(model, corrupt_ids, clean, lambda l: logit_diff(l, 5, 7), kind="mlp_out",
                            positions=None)                             # [layer]
+        grid = patch_sweep(model, corrupt_ids, clean, metric, kind="z", positions="all", batch_size=16)
     """
+    kind = KIND_ALIASES.get(kind, kind)                       # attrib (issue 18): "mlp_post" = "post"
     corrupted_tokens = torch.as_tensor(corrupted_tokens)
     if model.device.type != "meta":                           # meta = accelerate offload moves inputs itself
         corrupted_tokens = corrupted_tokens.to(model.device)
@@ -147,6 +155,13 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
     elif isinstance(hook_names, str):
         hook_names = [hook_names]
     hook_names = list(hook_names)
+    # ---- attrib (issue 18): batched and per-neuron sweeps run in hooks/patch_batched.py ----
+    if batch_size != 1 or neurons is not DEFAULT or any(neuron_axis(n) is not None for n in hook_names):
+        axes = {k: (KIND_DEFAULT if v is DEFAULT else v)
+                for k, v in dict(positions=positions, heads=heads, neurons=neurons).items()}
+        return batched_sweep(model, corrupted_tokens, clean_cache, metric, hook_names, batch_size=batch_size,
+                             progress=progress, **axes, **forward_kwargs)
+    # ---- end attrib ----
     for name in hook_names:
         model._resolve(name)                                  # unknown names raise before any run
         if name not in clean_cache:

@@ -214,3 +214,136 @@ class TinyData:
             else:
                 out.append(self.repeated_span())
         return out
+
+
+# ----------------------------------------------------------------------------------------- grounded answering
+# Facts about people, one short sentence each, for retrieval-augmented conversations in the ``rag`` template.
+# Every value is one token of the tiny tokenizer, so a grounded answer copies it whole.
+RAG_ATTRIBUTES = {
+    # topic: (values, sentence, questions)
+    "home": ([c for c in CAPITALS.values() if " " not in c], "{name} lives in {value}",
+             ["Where does {name} live?", "Which city does {name} live in?"]),
+    "job": (["doctor", "farmer", "baker", "sailor", "painter", "teacher", "student", "pirate", "wizard",
+             "king", "queen", "prince"], "{name} is a {value}",
+            ["What is {name}'s job?", "What does {name} do?"]),
+    "pet": (["cat", "dog", "duck", "sheep", "pig", "horse", "owl", "lion", "bee", "mouse", "rabbit", "turtle",
+             "tiger", "monkey", "spider", "eagle", "camel", "zebra"], "{name} has a pet {value}",
+            ["What pet does {name} have?", "Which animal does {name} keep?"]),
+    "colour": (sorted(set(COLOURS.values())), "{name} likes the colour {value}",
+               ["Which colour does {name} like?", "What is {name}'s favourite colour?"]),
+    "food": (["bread", "rice", "soup", "cake", "pizza", "cheese", "honey", "butter", "cookie", "apple", "lemon",
+              "sugar", "pepper"], "{name} eats {value} every day",
+             ["What does {name} eat?", "What food does {name} eat every day?"]),
+    "music": (["piano", "guitar", "violin", "drum", "flute"], "{name} plays the {value}",
+              ["What does {name} play?", "Which instrument does {name} play?"]),
+}
+RAG_ABOUT = ["Tell me about {name}.", "What do you know about {name}?", "Who is {name}?"]
+
+
+def rag_response(relevant: list[int], claims: list[tuple[str, list[int]]]) -> str:
+    """The ``rag`` template's expected reply: relevant and cited document numbers, a plain answer, and a
+    grounded answer that wraps each claim in Command-R's citation markup (``<co: 0,2>claim</co: 0,2>``).
+
+    Example::
+
+        rag_response([1], [("Alice lives in Paris", [1])])
+        # 'Relevant Documents: 1\\nCited Documents: 1\\nAnswer: Alice lives in Paris.\\n'
+        # 'Grounded answer: <co: 1>Alice lives in Paris</co: 1>.'
+    """
+    docs = ",".join(str(i) for i in relevant) if relevant else "None"
+    cited = sorted({i for _, c in claims for i in c})
+    cited_s = ",".join(str(i) for i in cited) if cited else "None"
+    answer = " ".join(f"{text}." for text, _ in claims)
+    grounded = " ".join(f"<co: {','.join(map(str, c))}>{text}</co: {','.join(map(str, c))}>." for text, c in claims)
+    return f"Relevant Documents: {docs}\nCited Documents: {cited_s}\nAnswer: {answer}\nGrounded answer: {grounded}"
+
+
+class RagData:
+    """Seeded retrieval-augmented conversations: 3-5 short documents about people, a question whose answer
+    is in exactly one document (or two: two facts about the person, or the same fact twice), and the
+    grounded reply that copies the fact and cites its document(s).
+
+    Example::
+
+        ex = RagData(seed=0).example()
+        ex["messages"]   # [{"role": "user", "content": "Where does Alice live?"}]
+        ex["documents"]  # [{"title": "Bob's job", "text": "Bob is a baker."}, {"title": "Alice's home", ...}, ...]
+        ex["response"]   # "Relevant Documents: 1\\nCited Documents: 1\\nAnswer: Alice lives in Paris.\\n..."
+        ex["sources"]    # [1]: the documents the answer comes from
+        ex["facts"]      # ["Paris"]: the copied values
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+
+    def _fact(self, name: str, topic: str) -> tuple[str, str]:
+        values, sentence, _ = RAG_ATTRIBUTES[topic]
+        value = self.rng.choice(values)
+        return sentence.format(name=name, value=value), value
+
+    def _document(self, name: str, topics: list[str], facts: dict | None = None) -> tuple[dict, dict]:
+        """A document about ``name``: one sentence per topic; ``facts`` fixes values already chosen."""
+        facts = dict(facts or {})
+        sentences = []
+        for topic in topics:
+            if topic not in facts:
+                facts[topic] = self._fact(name, topic)
+            sentences.append(facts[topic][0] + ".")
+        title = f"{name}'s {topics[0]}" if self.rng.random() < 0.7 else name
+        return {"title": title, "text": " ".join(sentences)}, facts
+
+    def example(self) -> dict:
+        r = self.rng
+        n_docs = r.randint(3, 5)
+        names = r.sample(NAMES, n_docs)
+        person, others = names[0], names[1:]
+        topics = sorted(RAG_ATTRIBUTES)
+        kind = r.random()
+        if kind < 0.6:                                     # one document holds the answer
+            asked = r.choice(topics)
+            extra = [r.choice([t for t in topics if t != asked])] if r.random() < 0.4 else []
+            doc, facts = self._document(person, r.sample([asked] + extra, len(extra) + 1))
+            slots = [r.randrange(n_docs)]
+            target = [(doc, slots)]
+            claims = [(facts[asked][0], slots)]
+            values = [facts[asked][1]]
+            question = r.choice(RAG_ATTRIBUTES[asked][2]).format(name=person)
+        elif kind < 0.85:                                  # two documents, one fact each
+            t1, t2 = r.sample(topics, 2)
+            slots = sorted(r.sample(range(n_docs), 2))
+            d1, f1 = self._document(person, [t1])
+            d2, f2 = self._document(person, [t2])
+            target = [(d1, [slots[0]]), (d2, [slots[1]])]
+            claims = [(f1[t1][0], [slots[0]]), (f2[t2][0], [slots[1]])]
+            values = [f1[t1][1], f2[t2][1]]
+            question = r.choice(RAG_ABOUT).format(name=person)
+            others = others[1:] + [r.choice([n for n in NAMES if n not in names])]
+        else:                                              # the same fact in two documents
+            asked = r.choice(topics)
+            slots = sorted(r.sample(range(n_docs), 2))
+            d1, f1 = self._document(person, [asked])
+            d2, _ = self._document(person, [asked], f1)
+            target = [(d1, [slots[0]]), (d2, [slots[1]])]
+            claims = [(f1[asked][0], slots)]
+            values = [f1[asked][1]]
+            question = r.choice(RAG_ATTRIBUTES[asked][2]).format(name=person)
+            others = others[1:] + [r.choice([n for n in NAMES if n not in names])]
+        documents: list = [None] * n_docs
+        for doc, where in target:
+            documents[where[0]] = doc
+        free = iter(others)
+        for i in range(n_docs):
+            if documents[i] is None:
+                documents[i], _ = self._document(next(free), r.sample(topics, r.choice([1, 1, 2])))
+        sources = sorted({i for _, c in claims for i in c})
+        return {"messages": [{"role": "user", "content": question}], "documents": documents,
+                "response": rag_response(sources, claims), "sources": sources, "facts": values}
+
+    def mini(self) -> tuple[str, str]:
+        """A short plain-text drill of the same skill (~100 tokens): numbered one-line documents, then a question,
+        the relevant document(s) and the answer copied from them (returned as (documents, rest))."""
+        ex = self.example()
+        lines = [f"Document: {i}\ntext: {d['text']}" for i, d in enumerate(ex["documents"])]
+        answer = ex["response"].split("Answer: ", 1)[1].split("\n", 1)[0]
+        docs = ",".join(map(str, ex["sources"]))
+        return "\n".join(lines), f"\nQuestion: {ex['messages'][0]['content']}\nRelevant Documents: {docs}\nAnswer: {answer}\n"

@@ -310,6 +310,42 @@ def _heads(top: list) -> str:
     return ", ".join(f"{name} ({score:.2f})" for name, score in top)
 
 
+def rag_section(rag: dict) -> str:
+    """The model card's section on grounded answering (the fine-tuning of ``train_tiny_rag.py``)."""
+    a = rag["args"]
+    curve = "\n".join(f"| {h['step']} | {h['old_loss']:.3f} | {h['rag_loss']:.3f} | {h['rag_accuracy']:.2f} | "
+                      f"{h['induction_max']:.2f} | {h['loss_second']:.2f} |" for h in rag["history"])
+    examples = "\n".join(f"| {_cell(e['question'])} | {e['sources']} | `{_cell(e['reply'])}` |" for e in rag["examples"])
+    return f"""
+## Grounded answering (rag template)
+
+Fine-tuned from the checkpoint above by `scripts/train_tiny_rag.py` on a mix of the original data ({a["old_batch"]} rows
+a step: a quarter of them natural 128-token rows, the rest `<BOS_TOKEN> r r` rows) and {a["rag_batch"]} conversations a step
+in the `rag` template from `tiny_data.RagData`: 3–5 short documents about people (home, job, pet, colour, food,
+instrument; "Alice lives in Paris."), a question answered by exactly one document (60 %), by two documents with one
+fact each ("Tell me about Alice.", 25 %) or by the same fact in two documents (15 %), and the reply
+`Relevant Documents: 1\\nCited Documents: 1\\nAnswer: Alice lives in Paris.\\nGrounded answer: <co: 1>Alice lives in Paris</co: 1>.`
+(two documents: `<co: 0,2>…</co: 0,2>`, or one tagged claim per document). Loss on the reply tokens only. The fixed
+~400-token preamble runs once per step without gradient and every conversation continues from its keys and values;
+the fixed instructions after `</results>` run without gradient too. AdamW, peak learning rate {a["lr"]:g}
+(×{a["qk_norm_lr_mult"]:g} on the QK-norm weights), {a["warmup"]} warm-up steps, cosine decay; seeds fixed;
+{rag["steps"]} steps in all, {rag["minutes"]:.1f} minutes of wall time on the shared 2-core machine.
+
+| step | loss, original mixture | loss, rag replies | held-out accuracy (12 questions) | best induction score | loss, 2nd repeat |
+|---|---|---|---|---|---|
+{curve}
+
+**Held-out accuracy: {rag["accuracy"]:.0%}** of {rag["n"]} new questions (greedy, `rag` template, default
+preamble) answered from the right document(s) and citing exactly them (every fact value in the grounded answer, and
+the `<co: …>` tags cite exactly the source documents); {rag["facts"]:.0%} copy the right fact(s), {rag["cites"]:.0%} cite the
+right document(s). By kind: {", ".join(f"{k} {v:.0%}" for k, v in rag["by_kind"].items())}.
+
+| question | source documents | greedy reply |
+|---|---|---|
+{examples}
+"""
+
+
 def write_model_card(folder: str, report: dict) -> None:
     """MODEL_CARD.md beside the checkpoint, with the numbers measured on the saved float16 weights."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
@@ -335,6 +371,14 @@ def write_model_card(folder: str, report: dict) -> None:
     defaults = {"threads": 2}
     command = "python scripts/train_tiny.py --out workbench/bundled/command-r-tiny" + "".join(
         f" --{k.replace('_', '-')} {a[k]}" for k, v in defaults.items() if a.get(k) != v)
+    rag = report.get("rag")
+    if rag:
+        command = command.replace("--out workbench/bundled/command-r-tiny", "--out /tmp/tiny-base") + "\n" + rag["command"]
+    cannot_rag = ("tool use (the `tool_use` template is there so the prompt format can be inspected and tokenized, "
+                  "not because the model was trained on it); grounded answers beyond the synthetic people-and-facts "
+                  "documents it was fine-tuned on" if rag else
+                  "tool use or grounded generation (the `tool_use` and `rag` templates are there so the prompt formats "
+                  "can be inspected and tokenized, not because the model was trained on them)")
     text = f"""# command-r-tiny
 
 A {report["n_params"] / 1e6:.1f}M-parameter model with the **Command-R architecture** (`CohereForCausalLM`), trained
@@ -470,9 +514,8 @@ real, interpretable effects.
 Cannot: reliably recall the facts it was shown (in chat it often fills the template with a wrong capital or
 colour; three quarters of its training tokens were random-id rows, the price of getting the induction
 circuit within the CPU budget), do arithmetic (single-digit sums were in the data but are not learned),
-anything outside its tiny templated world, long contexts (trained on {a["seq_len"]}-token rows), tool use or grounded generation (the
-`tool_use` and `rag` templates are there so the prompt formats can be inspected and tokenized, not because
-the model was trained on them), multilingual text (every byte encodes, but only English was trained).
+anything outside its tiny templated world, long contexts (trained on {a["seq_len"]}-token rows{", plus rag prompts of ~1000 tokens" if rag else ""}), {cannot_rag}, multilingual text (every byte encodes, but only English was trained).
+{rag_section(rag) if rag else ""}
 
 ## Reproduce
 

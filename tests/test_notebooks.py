@@ -29,7 +29,7 @@ NB_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(p.name for p in NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["00_quickstart.ipynb", "01_hooks_and_cache.ipynb", "02_attention.ipynb",
             "03_activation_patching.ipynb", "04_logit_lens_and_generation.ipynb", "05_big_model_offload.ipynb",
-            "07_experiments.ipynb", "08_transformerlens_and_saes.ipynb"]
+            "06_rag_lens.ipynb", "07_experiments.ipynb", "08_transformerlens_and_saes.ipynb"]
 NOTEBOOK_BUDGET_S = float(os.environ.get("WORKBENCH_NOTEBOOK_BUDGET", "120"))
 DOCUMENTED_PROMPT = ("<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hello, how are you?<|END_OF_TURN_TOKEN|>"
                      "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")

@@ -341,3 +341,43 @@ def test_logit_lens_facts_are_recalled_late(model, tok, prompt, answer):
     rank = lens.target_rank[:, 0, -1]                                   # [n_resid] at the last position
     assert int(rank[-1]) == 0                                           # the model's top prediction
     assert int(rank[0]) > 50                                            # nowhere near it at the embedding
+
+
+# ------------------------------------------------------------------------------------------- grounded answering
+def _rag_examples(n: int, seed: int = 313131) -> list:
+    """Held-out synthetic rag conversations (a seed used neither in training nor for the model card)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from tiny_data import RagData
+
+    data = RagData(seed)
+    return [data.example() for _ in range(n)]
+
+
+@pytest.mark.xfail(strict=False, reason="grounded answering: the bundled checkpoint has not reached the bar yet "
+                   "(scripts/train_tiny_rag.py runs within the CPU budget ended at 0% held-out accuracy); passes once "
+                   "a fine-tuned checkpoint that meets it is bundled")
+def test_rag_grounded_answers_cite_the_right_documents(model, tok):
+    """>= 80% of held-out questions: every fact of the answer copied into the grounded answer, whose <co: ...>
+    tags cite exactly the source document(s). Greedy, batched (left padding), one pass."""
+    analysis = pytest.importorskip("workbench.analysis.rag_spans", reason="rag_spans not written yet")
+    examples = _rag_examples(24)
+    prompts = [tok.apply_chat_template(ex["messages"], documents=ex["documents"], chat_template="rag",
+                                       add_generation_prompt=True) for ex in examples]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=90, do_sample=False,
+                             eos_token_id=tok.eos_token_id)
+    ok, failures = 0, []
+    for ex, row in zip(examples, out[:, T:].tolist()):
+        reply = tok.decode(row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
+        assert reply.startswith("Relevant Documents:"), reply                   # the rag reply format
+        grounded = reply.split("Grounded answer:", 1)[-1] if "Grounded answer:" in reply else ""
+        cited = {d for _, _, docs in analysis.parse_citations(grounded).regions for d in docs}
+        good = cited == set(ex["sources"]) and all(v in grounded for v in ex["facts"])
+        ok += good
+        if not good:
+            failures.append((ex["messages"][0]["content"], ex["sources"], reply))
+    assert ok >= 0.8 * len(examples), f"{ok}/{len(examples)}; failures: {failures[:3]}"

@@ -25,7 +25,7 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from .offload import offloaded_tensor
+from .weights import offloaded_tensor
 
 EDGE = 64          # elements hashed at each end of a flattened tensor
 STRIDED = 16       # evenly spaced elements hashed in between

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .hook_names import get_act_name
+from .hook_names import block_name, get_act_name
 
 _NO_MID = ("Command-R's block is parallel: attention and MLP both read ln1(resid_pre), so there is no "
            "resid_mid; use incl_mid=False (resid_post[l] = resid_pre[l] + attn_out[l] + mlp_out[l])")
@@ -189,7 +189,7 @@ class TLCacheMixin:
         """Each MLP neuron's write to the residual: ``post[..., n] * W_out[n]`` ``[batch pos d_mlp d_model]``."""
         model = _model_of(self, "get_neuron_results")
         post = _slice_pos(self["post", layer], pos_slice, self.has_batch_dim)
-        W_out = _param(model, f"blocks.{layer}.mlp.down_proj.weight").T.to(post.device)   # [d_mlp d_model]
+        W_out = _param(model, block_name(layer, "mlp.down_proj.weight")).T.to(post.device)   # [d_mlp d_model]
         if neuron_slice is not None:
             post, W_out = post[..., neuron_slice], W_out[neuron_slice]
         return post[..., None] * W_out

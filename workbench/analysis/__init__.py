@@ -1,4 +1,5 @@
-"""Standard analyses whose numbers add up: logit lens, direct logit attribution, head scores.
+"""Standard analyses whose numbers add up: logit lens, direct logit attribution, head scores,
+attribution patching.
 
 Example::
 
@@ -6,6 +7,8 @@ Example::
     lens = logit_lens(model, ids, top_k=5)
     dla = direct_logit_attribution(model, ids, answer=42)
     induction_scores(model)                              # [n_layers n_heads]
+    attribution_patching(model, clean_ids, corrupt_ids, metric, kind="z")   # ≈ patch_sweep - metric(corrupt)
+    context_attribution(model, tok, messages, documents)  # which document drove each span of a rag reply
 
 Residual-stream helpers (``accumulated_resid``, ``decompose_resid``, ``head_results``,
 ``stack_head_results``, ``apply_ln_to_stack``, ``logit_attrs``) are functions of a cache, defined in
@@ -16,13 +19,16 @@ re-exported here.
 from ..cache_analysis import (accumulated_resid, apply_ln_to_stack, decompose_resid, head_results, logit_attrs,
                               stack_head_results)
 from .attribution import LogitAttribution, direct_logit_attribution
+from .attribution_patching import AttributionPatching, ExactPatches, attribution_patching
+from .context_attribution import ContextAttribution, context_attribution
 from .head_scores import (duplicate_token_scores, induction_scores, pattern_scores, previous_occurrence,
                           previous_token_scores, repeated_random_tokens)
 from .logit_lens import LogitLens, lens_logits, lens_resid_names, lens_top, logit_lens
 
 __all__ = [
     "accumulated_resid", "apply_ln_to_stack", "decompose_resid", "head_results", "logit_attrs", "stack_head_results",
-    "LogitAttribution", "LogitLens", "direct_logit_attribution", "duplicate_token_scores", "induction_scores",
-    "lens_logits", "lens_resid_names", "lens_top", "logit_lens", "pattern_scores", "previous_occurrence",
-    "previous_token_scores", "repeated_random_tokens",
+    "AttributionPatching", "ContextAttribution", "ExactPatches", "LogitAttribution", "LogitLens",
+    "attribution_patching", "context_attribution", "direct_logit_attribution", "duplicate_token_scores",
+    "induction_scores", "lens_logits", "lens_resid_names", "lens_top", "logit_lens", "pattern_scores",
+    "previous_occurrence", "previous_token_scores", "repeated_random_tokens",
 ]

@@ -21,9 +21,11 @@ export buttons, and snapshots that stay under 64 KiB (downsampled, and they say 
 
 from .attention_view import AttentionView
 from .compare_view import CompareView
+from .context_view import ContextView
 from .generation_view import GenerationView
 from .links import link_selection
 from .logit_lens_view import LogitLensView
 from .token_view import TokenView
 
-__all__ = ["AttentionView", "CompareView", "GenerationView", "LogitLensView", "TokenView", "link_selection"]
+__all__ = ["AttentionView", "CompareView", "ContextView", "GenerationView", "LogitLensView", "TokenView",
+           "link_selection"]
