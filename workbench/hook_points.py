@@ -68,9 +68,7 @@ class LayerIndex(int):
 
 class _Scope:
     """The hooks one call added (and those of the calls it is nested in): HookPoint -> entries.
-
-    ``edits``: some forward hook of the scope may change tensors (it is not marked ``records_only``),
-    so recorders copy what they store (a later hook editing in place would otherwise rewrite it)."""
+    ``edits``: a forward hook not marked ``records_only`` may edit tensors, so recorders copy."""
 
     __slots__ = ("fwd", "bwd", "edits")
 
@@ -90,10 +88,8 @@ _EMPTY_SCOPE = _Scope({}, {})
 
 
 def records_only(fn: HookFn) -> HookFn:
-    """Mark a hook function that only reads its tensor (never edits it in place, returns None).
-
-    Recorders (``run_with_cache``) store views of the activations while every hook of the call is
-    marked so, and copies once any other hook could edit a tensor in place later in the forward.
+    """Mark a hook that only reads its tensor: recorders (``run_with_cache``) store views while every
+    hook of the call is so marked, and copies once another hook could edit a tensor in place later.
 
     >>> save = records_only(lambda x, hook: store.__setitem__(hook.name, x.detach()))   # doctest: +SKIP
     """
@@ -103,11 +99,9 @@ def records_only(fn: HookFn) -> HookFn:
 
 def edits_possible(model: nn.Module) -> bool:
     """True when a hook that may edit tensors is attached model-wide (``add_hook``, torch module hooks)."""
-    if _global_module_hooks():
-        return True
-    return any(not isinstance(hp, HookPoint) or hp._forward_hooks or hp._forward_pre_hooks
-               or any(not getattr(e.fn, "records_only", False) for e in hp._wide_fwd)
-               for hp in getattr(model, "_hook_dict", {}).values())
+    return _global_module_hooks() or any(
+        hp._forward_hooks or hp._forward_pre_hooks or any(not getattr(e.fn, "records_only", False) for e in hp._wide_fwd)
+        for hp in getattr(model, "_hook_dict", {}).values())
 # The hooks of the call running in this context (thread / task); None when no call added any.
 _SCOPE: contextvars.ContextVar[Optional[_Scope]] = contextvars.ContextVar("workbench_hook_scope", default=None)
 # The context of the forward running in this context (set by the model's forward).
@@ -359,11 +353,10 @@ class HookedRootModule(nn.Module):
     def __call__(self, *args, **kwargs):
         # A forward sets its own hook context (begin_forward); give the caller's back afterwards,
         # so a forward run from inside a hook does not change the outer forward's context.
-        # A forward that raises (a hook's error, StopForward, KeyboardInterrupt) leaves a KV cache it
-        # was extending as before the forward. Weight files mapped at load are checked first.
-        files = self.__dict__.get("mapped_files")
-        if files is not None:
-            files.check()
+        # Weight files mapped at load are checked first; a forward that raises (a hook's error,
+        # StopForward, KeyboardInterrupt) leaves a KV cache it was extending as before the forward.
+        if self.__dict__.get("mapped_files") is not None:
+            self.__dict__["mapped_files"].check()
         token = _FORWARD.set(_FORWARD.get())
         try:
             return super().__call__(*args, **kwargs)
@@ -477,10 +470,8 @@ class HookedRootModule(nn.Module):
             t = t.to(device) if device is not None else t
             # What this hook saw, also when a later hook edits the tensor in place (x.mul_(2)): a
             # view is stored only while no hook of the call (or model-wide one) can edit tensors.
-            if t.data_ptr() == x.data_ptr() and t.device == x.device:
-                scope = _SCOPE.get()
-                if wide_edits or (scope is not None and scope.edits):
-                    t = t.clone()
+            if t.data_ptr() == x.data_ptr() and (wide_edits or getattr(_SCOPE.get(), "edits", False)):
+                t = t.clone()
             store[hook.name] = t
 
         return store, [(n, save) for n in self._hook_dict if keep(n)]
@@ -505,5 +496,5 @@ class HookedRootModule(nn.Module):
         cache_hooks = self._defer(cache_hooks, user_hooks, device, store)
         logits = self.run_with_hooks(input_ids, *args, fwd_hooks=user_hooks + cache_hooks, **kwargs)
         tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None
-        # weights_state: lets save() tell that the weights it fingerprints are the ones this forward used
-        return logits, ActivationCache(store, self, metadata={"tokens": tokens, "weights_state": weights_state(self)})
+        state = weights_state(self)      # save() checks that the weights it fingerprints are this forward's
+        return logits, ActivationCache(store, self, metadata={"tokens": tokens, "weights_state": state})
