@@ -22,7 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _limits import machine_line, timeit_interleaved  # noqa: E402
 from workbench import CommandRConfig, HookedCommandR, KVCache  # noqa: E402
 from workbench.fingerprint import weights_fingerprint  # noqa: E402
 from workbench.hook_points import records_only  # noqa: E402
@@ -60,12 +62,13 @@ def bench_cache_copies() -> None:
             "run_with_cache + records_only hook (views)": lambda: model.run_with_cache(
                 ids, fwd_hooks=[("blocks.3.hook_resid_post", reads)]),
         }
-        t = {k: timeit(f) for k, f in rows.items()}
+        t = timeit_interleaved(rows, repeat=7, warmup=1)
     base = t["forward"]
     print(f"\n-- item 9: cache copies (d_model {cfg.d_model}, {cfg.n_layers} layers, pos 256, "
-          f"{len(model.hook_dict)} hooks)")
+          f"{len(model.hook_dict)} hooks; interleaved, min / median)")
     for k, v in t.items():
-        print(f"{k:<46} {v * 1e3:8.2f} ms  x{v / base:5.2f} forward")
+        print(f"{k:<46} {v.min * 1e3:8.2f} / {v.median * 1e3:8.2f} ms  x{v.min / base.min:5.2f} / "
+              f"x{v.median / base.median:5.2f} forward")
 
 
 def bench_fingerprint() -> None:
@@ -98,6 +101,7 @@ def bench_mapped_check() -> None:
         one, fifteen = MappedFiles(files[:1]), MappedFiles(files)
         t1 = timeit(one.check, number=200)
         t15 = timeit(fifteen.check, number=200)
+        t15p = timeit(MappedFiles(by_path=files).check, number=200)
     with torch.no_grad():
         cache = KVCache.for_model(tiny)
         tiny(ids, kv_cache=cache)
@@ -107,15 +111,16 @@ def bench_mapped_check() -> None:
             tiny(ids[:, :1], kv_cache=c)
 
         t_step = timeit(step, number=5)
-    print(f"check, 1 file: {t1 * 1e6:.1f} us; 15 files: {t15 * 1e6:.1f} us")
+    print(f"check, 1 mapped file (fstat): {t1 * 1e6:.1f} us; 15: {t15 * 1e6:.1f} us; 15 by path (stat): "
+          f"{t15p * 1e6:.1f} us")
     print(f"bundled model decode step (incl. cache clone): {t_step * 1e3:.2f} ms -> check of 15 files = "
           f"{t15 / t_step * 100:.2f}% of it")
 
 
 def main() -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    print(f"== bench_hardening (CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads) ==")
+    print("== bench_hardening: costs of the hardening checks (issue 15) ==")
+    print(machine_line())
     bench_cache_copies()
     bench_fingerprint()
     bench_mapped_check()

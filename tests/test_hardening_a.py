@@ -101,10 +101,11 @@ def test_shared_offload_folder_never_rewrites_another_models_files(model, other_
         b = HookedCommandR.from_pretrained(other_ckpt, device_map=disk, offload_folder=folder, progress=False)
         assert not torch.equal(b(ids), before)                 # B really has other weights
         assert torch.equal(a(ids), before)                     # A's offloaded files untouched
+        files = {f: os.stat(f).st_mtime_ns for f in a.mapped_files.paths}
         again = HookedCommandR.from_pretrained("command-r-tiny", device_map=disk, offload_folder=folder,
                                                progress=False)  # same checkpoint: its files are reused
         assert torch.equal(again(ids), before) and torch.equal(a(ids), before)
-    assert len(os.listdir(folder)) == 2
+    assert len(os.listdir(folder)) == 2 and files == {f: os.stat(f).st_mtime_ns for f in files}
 
 
 # ----------------------------------------------------------------------------------- 3 Ctrl-C

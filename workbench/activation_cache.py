@@ -210,7 +210,7 @@ class ActivationCache(TLCacheMixin):
                               "cache; the file records no weights fingerprint", UserWarning, stacklevel=2)
                 weights = None
             elif made_with is not None or weights is None:
-                weights = weights_fingerprint(self.model)
+                weights = _weights_fingerprint(self.model)
         tokens = tokens if tokens is not None else self.metadata.get("tokens")
         write_cache_file(path, dict(self.cache_dict.items()), fingerprint, self.n_layers, tokens, weights)
 
@@ -222,7 +222,7 @@ class ActivationCache(TLCacheMixin):
         With ``model``, the saved config fingerprint must equal ``model.cfg.fingerprint()``, the saved
         weights fingerprint must equal ``weights_fingerprint(model)`` and every tensor must fit the
         model's hook table (rank, dtype, model dimensions); otherwise ``CacheMismatchError`` says what
-        differs. ``strict=False`` only allows a file without a config fingerprint;
+        differs. ``strict=False`` only allows a file without fingerprints (a warning for the weights);
         ``allow_other_weights=True`` loads a cache of other weights (or of unknown ones) with a warning.
         ``metadata["tokens"]`` holds the prompt if it was saved.
 
@@ -234,6 +234,15 @@ class ActivationCache(TLCacheMixin):
         tensors, metadata = read_cache_file(path, expected, strict, device)
         if model is not None:
             path = metadata["path"]
-            check_weights(path, metadata.get("weights_fingerprint"), weights_fingerprint(model), allow_other_weights)
+            check_weights(path, metadata.get("weights_fingerprint"), _weights_fingerprint(model), allow_other_weights,
+                          strict)
             check_hook_shapes(path, tensors, model.hook_table())
         return cls(tensors, model, metadata)
+
+
+def _weights_fingerprint(model) -> str:
+    # reading a memory-mapped weight whose file was truncated would kill the process: check first
+    files = getattr(model, "mapped_files", None)
+    if files is not None:
+        files.check()
+    return weights_fingerprint(model)

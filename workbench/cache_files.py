@@ -106,11 +106,14 @@ def check_fingerprint(path: str, saved: Optional[dict], current: dict, strict: b
                                  "Load it with the model it came from, or with model=None to inspect it")
 
 
-def check_weights(path: str, saved: Optional[str], current: str, allow_other_weights: bool) -> None:
+def check_weights(path: str, saved: Optional[str], current: str, allow_other_weights: bool,
+                  strict: bool = True) -> None:
     """Refuse a file saved from other weights (a fine-tune, another seed, another dtype), unless
-    ``allow_other_weights`` (then warn)."""
+    ``allow_other_weights`` (then warn); ``strict=False`` lets a file without a fingerprint pass (warned)."""
     if saved == current:
         return
+    if saved is None and not strict:
+        allow_other_weights = True
     what = ("has no weights fingerprint (saved before caches recorded one, or after the weights were edited)"
             if saved is None else f"was saved from other weights (fingerprint {saved[:12]}…, this model's "
             f"{current[:12]}…): a fine-tune, another seed, dtype or quantization of the same architecture")

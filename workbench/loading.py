@@ -385,15 +385,16 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
     offload = off.Offloader(path, offload_folder, target) if "disk" in device_map.values() else None
 
     mapped = _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path, mmap)
+    by_path = set()
     if offload is not None:
         offload.finish()
-        mapped |= {info["safetensors_file"] for info in offload.index.values()}
+        by_path = {info["safetensors_file"] for info in offload.index.values()}
     if cfg.tie_word_embeddings and model.unembed.weight.device == model.embed.weight.device:
         model.unembed.weight = model.embed.weight
     off.dispatch(model, device_map, offload, offload_buffers)
     model.generation_config = generation_config
     model.name_or_path = path
-    model.mapped_files = MappedFiles(mapped) if mapped else None    # checked before every forward
+    model.mapped_files = MappedFiles(mapped, by_path) if mapped or by_path else None   # checked before every forward
     model.cfg.device, model.cfg.dtype = model.device, target     # tlsurface: TL's cfg.device / cfg.dtype
     return model.eval()
 
