@@ -163,7 +163,7 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache, metric: Call
                              progress=progress, **axes, **forward_kwargs)
     # ---- end attrib ----
     for name in hook_names:
-        model._resolve(name)                                  # unknown names raise before any run
+        model.resolve_hooks(name)                                # unknown names raise before any run
         if name not in clean_cache:
             raise KeyError(f"{name!r} is not in clean_cache; cache it in the clean run (names_filter)")
     axes = {head_axis(n) for n in hook_names}

@@ -378,7 +378,9 @@ class HookedRootModule(nn.Module):
         """Every hook name -> HookPoint, in forward order."""
         return dict(self._hook_dict)
 
-    def _resolve(self, name: NameOrPredicate) -> list[HookPoint]:
+    def resolve_hooks(self, name: NameOrPredicate) -> list[HookPoint]:
+        """The HookPoints a name or predicate selects; an unknown name raises ``HookError`` naming the
+        closest names (nothing is attached). Example: ``model.resolve_hooks("blocks.0.hook_resid_pre")``."""
         if callable(name):
             return [hp for n, hp in self._hook_dict.items() if name(n)]
         if name in self._hook_dict:
@@ -386,6 +388,8 @@ class HookedRootModule(nn.Module):
         close = difflib.get_close_matches(name, list(self._hook_dict), n=5, cutoff=0.5)
         hint = f"; closest: {close}" if close else ""
         raise HookError(f"unknown hook name {name!r}{hint}. model.hook_dict lists all {len(self._hook_dict)} names")
+
+    _resolve = resolve_hooks
 
     def _entries(self, hooks: Optional[HookList], dir: str) -> list:
         """(HookPoint, entry) pairs for ``hooks``; raises on a bad pair or name before anything runs."""

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .attention_ops import mask_rows, notify_attention, pattern_rows
 from .config import CommandRConfig
 from .deferred_results import DEFERRED_HOOKS
 from .hook_points import HookedRootModule, HookPoint, begin_forward
@@ -162,6 +163,7 @@ class Attention(TLAttentionMixin, nn.Module):
         v = rearrange(v, "b s h d -> b h s d")
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)          # [batch kv_head k_pos d_head]
+        notify_attention(self, layer, q, k, masks)       # no-op unless observe_attention() is active
         mask, is_causal = masks.get(self.window, k.shape[-2], q.device)
         if explicit or self.needs_explicit():
             z = self._explicit(q, k, v, mask, masks)
@@ -200,8 +202,8 @@ class Attention(TLAttentionMixin, nn.Module):
         # [batch pos head d_head] storage order of the projection, as in the reference.
         if q.shape[2] == 1 and self.use_rope:
             q = standard_strides(q)
-        if mask is None:
-            mask = masks.dense(self.window, k.shape[-2], q.device)
+        if mask is None:                              # rows per query block, not [q_pos k_pos] at once
+            mask = functools.partial(masks.rows, self.window, k.shape[-2], device=q.device)
         return eager_attention(self, q, standard_strides(k), standard_strides(v), mask)
 
     def _fused(self, q, k, v, mask, is_causal):
@@ -218,14 +220,21 @@ def eager_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, val
     """The explicit attention stages, op for op as transformers' ``eager_attention_forward``.
 
     query [batch head q_pos d_head], key/value [batch kv_head k_pos d_head], mask additive
-    [batch|1 1 q_pos k_pos] -> z [batch head q_pos d_head]. ``attn`` supplies the group size, the
-    scale and the ``hook_attn_scores``/``hook_pattern`` points. Callers pass the operands in the
-    reference's layouts (tests/test_layout.py compares shapes and strides with the reference)."""
+    [batch|1 1 q_pos k_pos] or a function (r0, r1) -> its rows r0..r1-1 -> z [batch head q_pos d_head].
+    ``attn`` supplies the group size, the scale and the ``hook_attn_scores``/``hook_pattern`` points.
+    Callers pass the operands in the reference's layouts (tests/test_layout.py compares shapes and
+    strides with the reference). Unless the scores are hooked, the pattern is computed in query
+    blocks into one buffer (``attention_ops.pattern_rows``: the same ops and bits, ~1x its bytes)."""
     key = repeat_kv(key, attn.group)                  # [batch head k_pos d_head]
     value = repeat_kv(value, attn.group)
-    scores = torch.matmul(query, key.transpose(2, 3)) * attn.scale
-    scores = attn.hook_attn_scores(scores + mask)     # [batch head q_pos k_pos]
-    pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if attn.hook_attn_scores.has_hooks:               # the full scores only when something reads them
+        mask = mask if isinstance(mask, torch.Tensor) else mask(0, query.shape[2])
+        scores = torch.matmul(query, key.transpose(2, 3)) * attn.scale
+        scores = attn.hook_attn_scores(scores + mask)     # [batch head q_pos k_pos]
+        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:                                             # the same ops per query block: ~1x the pattern's bytes
+        rows = (lambda r0, r1: mask[:, :, r0:r1]) if isinstance(mask, torch.Tensor) else mask
+        pattern = pattern_rows(query, key, attn.scale, rows)
     pattern = attn.hook_pattern(pattern)              # [batch head q_pos k_pos]
     return torch.matmul(pattern, value)               # [batch head q_pos d_head]
 
@@ -324,18 +333,14 @@ class Masks:
         device = torch.device(device if device is not None else self.device)
         key = (window, n_keys, device)
         if key not in self._cache:
-            q_idx = torch.arange(self.past_len, self.past_len + self.n_new, device=device)
-            start = self.past_len + self.n_new - n_keys
-            k_idx = torch.arange(start, start + n_keys, device=device)
-            allowed = k_idx[None, :] <= q_idx[:, None]
-            if window is not None:
-                allowed &= k_idx[None, :] > q_idx[:, None] - window
-            allowed = allowed[None, None]
-            if self.pad is not None:
-                allowed = allowed & self.pad.to(device)[:, None, None, start:start + n_keys]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-            self._cache[key] = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+            self._cache[key] = self.rows(window, n_keys, 0, self.n_new, device)
         return self._cache[key]
+
+    def rows(self, window, n_keys, r0: int, r1: int, device=None) -> torch.Tensor:
+        """Rows r0..r1-1 of ``dense`` [batch|1 1 r1-r0 k_pos], built without the full mask."""
+        device = torch.device(device if device is not None else self.device)
+        return mask_rows(self.past_len, self.n_new, self.pad, self.dtype, device, window, n_keys,
+                         torch.arange(r0, r1, device=device))
 
 
 class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activation_cache import ActivationCache, model_weight
+from ..hook_names import act_name
 from ..model import layer_norm_fp32
 
 
@@ -60,7 +61,7 @@ def lens_resid_names(n_layers: int) -> list[str]:
 
         model.run_with_cache(ids, names_filter=lens_resid_names(model.cfg.n_layers))
     """
-    return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return [act_name("resid_pre", i) for i in range(n_layers)] + [act_name("resid_post", n_layers - 1)]
 
 
 # Probabilities computed at once, at most (floats): bounds the [chunk ... vocab] intermediate.

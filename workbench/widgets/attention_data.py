@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.head_scores import previous_occurrence
+from ..hook_names import act_name
 
 SCORE_NAMES = ("previous-token", "induction", "BOS")
 
@@ -44,14 +45,14 @@ class PatternStore:
         if layer not in self.layers:
             raise ValueError(f"layer {layer} is not one of this view's layers {list(self.layers)}")
         if pattern.dim() != 3 or pattern.shape[1] != len(positions):
-            raise ValueError(f"blocks.{layer}.attn.hook_pattern: expected [head, {len(positions)}, k_pos], "
+            raise ValueError(f"{act_name('pattern', layer)}: expected [head, {len(positions)}, k_pos], "
                              f"got {tuple(pattern.shape)}")
         q0, q1 = int(positions[0]), int(positions[-1]) + 1
         if q1 - q0 != len(positions):
             raise ValueError(f"positions must be consecutive, got {list(positions)[:8]}")
         k0 = q1 - pattern.shape[2]
         if k0 < 0:
-            raise ValueError(f"blocks.{layer}.attn.hook_pattern has {pattern.shape[2]} keys for queries up to {q1 - 1}")
+            raise ValueError(f"{act_name('pattern', layer)} has {pattern.shape[2]} keys for queries up to {q1 - 1}")
         store = self._grow(layer, q1)
         store[:, q0:q1, :] = 0
         store[:, q0:q1, k0:q1] = pattern.detach().to("cpu", torch.float32)

@@ -19,19 +19,18 @@ So a 512- or 4096-token prompt costs the browser the same few kilobytes per upda
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Mapping, Optional
 
 import anywidget
 import torch
 import traitlets
 
+from ..hook_names import is_kind, layer_of
 from ._base import (RecordsMixin, esm, f16_bytes, resolve_ids, static_text, string_records, token_records,
                     u8_bytes)
 from .attention_data import SCORE_NAMES, PatternStore, check_spans, pool1d
 from .snapshot import SnapshotMixin, chips_html, esc, heatmap_img, legend_html, snapshot_page
 
-_PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 MINIMAP_BINS = 400
 SCALES = ("linear", "log", "row")
 
@@ -134,8 +133,7 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         T = len(records)
         found: dict[int, torch.Tensor] = {}
         for name in list(cache.keys()):
-            m = _PATTERN.match(name)
-            if not m:
+            if not is_kind(name, "pattern"):
                 continue
             t = cache[name]
             if t.dim() != 4 or t.shape[2] != T or t.shape[3] != T:
@@ -143,7 +141,7 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
                                  f"got {tuple(t.shape)}")
             if not 0 <= batch_index < t.shape[0]:
                 raise ValueError(f"batch_index={batch_index} out of range for {name} with batch {t.shape[0]}")
-            found[int(m.group(1))] = t[batch_index].detach().to("cpu", torch.float32).clone()
+            found[layer_of(name)] = t[batch_index].detach().to("cpu", torch.float32).clone()
         if not found:
             raise ValueError("cache holds no blocks.{i}.attn.hook_pattern; record them with "
                              "model.run_with_cache(ids, names_filter=lambda n: n.endswith('hook_pattern'))")

@@ -30,6 +30,7 @@ import ipywidgets as W
 import torch
 
 from ..analysis.logit_lens import lens_resid_names
+from ..hook_names import act_name
 from ._base import RecordCache, resolve_ids
 from .attention_view import AttentionView
 from .links import link_selection
@@ -85,7 +86,7 @@ class GenerationView(W.VBox):
         self.timeline: list[tuple[float, int]] = []           # (time.time(), tokens so far) per step
         self._running = False
         self._thread: Optional[threading.Thread] = None
-        self._names = {f"blocks.{i}.attn.hook_pattern" for i in layers} | set(lens_resid_names(n_layers))
+        self._names = {act_name("pattern", i) for i in layers} | set(lens_resid_names(n_layers))
 
         self.status = W.Label("ready", layout=W.Layout(min_width="260px"))
         self.status.add_class("wb-gen-status")
@@ -282,7 +283,7 @@ class GenerationView(W.VBox):
         positions = info.positions[-1].tolist()
         acts = info.activations
         for layer in self.attention_layers:
-            name = f"blocks.{layer}.attn.hook_pattern"
+            name = act_name("pattern", layer)
             if name not in acts:
                 raise ValueError(f"on_step: {name} was not captured at step {info.step}")
             self.attention.add_rows(layer, acts[name][0], positions)
