@@ -90,9 +90,7 @@ _EMPTY_SCOPE = _Scope({}, {})
 def records_only(fn: HookFn) -> HookFn:
     """Mark a hook that only reads its tensor: recorders (``run_with_cache``) store views while every
     hook of the call is so marked, and copies once another hook could edit a tensor in place later.
-
-    >>> save = records_only(lambda x, hook: store.__setitem__(hook.name, x.detach()))   # doctest: +SKIP
-    """
+    Example: ``model.run_with_cache(ids, fwd_hooks=[("hook_embed", records_only(show))])``."""
     fn.records_only = True
     return fn
 
@@ -361,9 +359,8 @@ class HookedRootModule(nn.Module):
         try:
             return super().__call__(*args, **kwargs)
         except BaseException:
-            for arg in (*args, *kwargs.values()):
-                if isinstance(arg, KVCache):
-                    arg.rollback()
+            for cache in [a for a in (*args, *kwargs.values()) if isinstance(a, KVCache)]:
+                cache.rollback()
             raise
         finally:
             _reset(_FORWARD, token, None)
@@ -499,6 +496,5 @@ class HookedRootModule(nn.Module):
         store, cache_hooks = self.cache_hooks(names_filter, device)
         cache_hooks = self._defer(cache_hooks, user_hooks, device, store)
         logits = self.run_with_hooks(input_ids, *args, fwd_hooks=user_hooks + cache_hooks, **kwargs)
-        tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None
-        state = weights_state(self)      # save() checks that the weights it fingerprints are this forward's
-        return logits, ActivationCache(store, self, metadata={"tokens": tokens, "weights_state": state})
+        tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None   # weights_state: for save()
+        return logits, ActivationCache(store, self, metadata={"tokens": tokens, "weights_state": weights_state(self)})
