@@ -213,8 +213,9 @@ def test_kv_cache_rolled_back_on_error_and_prefix_checked(model):
         model(ids[:, :5], kv_cache=prefix)
     other = ids.clone()
     other[0, 3] = (other[0, 3] + 1) % 200
-    with pytest.raises(KVCacheError, match="position 3"):
+    with pytest.raises(KVCacheError, match="position 3") as refused:
         model.generate(other, max_new_tokens=3, kv_cache=prefix.clone())
+    assert isinstance(refused.value, ValueError)                   # bad input, refused before anything runs
     out = model.generate(ids, max_new_tokens=3, kv_cache=prefix.clone(), eos_token_id=[])
     assert torch.equal(out, model.generate(ids, max_new_tokens=3, eos_token_id=[]))
 

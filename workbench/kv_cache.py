@@ -32,6 +32,10 @@ class KVCacheError(RuntimeError):
     """A cache used with tensors it cannot hold (other batch/heads/dtype), or left inconsistent."""
 
 
+class KVCachePrefixError(KVCacheError, ValueError):
+    """A prompt that does not start with the tokens the cache holds (bad input: also a ValueError)."""
+
+
 class KVCache:
     """Per-layer key/value buffers ``[batch kv_head k_pos d_head]``.
 
@@ -150,20 +154,20 @@ class KVCache:
         if self.seen == 0:
             return
         if input_ids.dim() != 2 or input_ids.shape[1] <= self.seen:
-            raise KVCacheError(f"KVCache holds {self.seen} positions; input_ids must be the full sequence "
+            raise KVCachePrefixError(f"KVCache holds {self.seen} positions; input_ids must be the full sequence "
                                f"(longer than that), got shape {tuple(input_ids.shape)}")
         held = self.tokens
         if held is None:
             return                           # filled without ids (update/advance by hand): cannot check
         if held.shape[0] != input_ids.shape[0]:
-            raise KVCacheError(f"KVCache holds a batch of {held.shape[0]} sequences; input_ids has "
+            raise KVCachePrefixError(f"KVCache holds a batch of {held.shape[0]} sequences; input_ids has "
                                f"{input_ids.shape[0]} (use a cache made for this batch)")
         prefix = input_ids[:, :self.seen].to(held.device)
         differ = (prefix != held).any(dim=0).nonzero()
         if differ.numel():
             pos = int(differ[0])
             rows = (prefix[:, pos] != held[:, pos]).nonzero()[:, 0].tolist()
-            raise KVCacheError(
+            raise KVCachePrefixError(
                 f"kv_cache does not hold a prefix of input_ids: position {pos} (rows {rows[:8]}) is token "
                 f"{int(input_ids[rows[0], pos])} in input_ids but the cache saw {int(held[rows[0], pos])}. "
                 "Pass the cache of this prompt's prefix, or none")
