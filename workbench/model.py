@@ -406,7 +406,7 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         if call.stop_at_layer is not None:
             return x                                        # the residual entering block stop_at_layer
         if kv_cache is not None:
-            kv_cache.advance(n_new)
+            kv_cache.advance(n_new, input_ids)      # hardA: the ids, so generate can check a prefix
         x = self.ln_final(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
