@@ -43,6 +43,7 @@ from .hook_points import HookPoint
 from .input_warnings import warn_if_padded
 from .tl_factored import FactoredMatrix
 from .hook_names import get_act_name
+from .tl_processing import TLProcessingMixin
 from .tl_tokens import TLTokensMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -163,7 +164,7 @@ class ForwardCall:
     stop_at_layer: Optional[int] = None
 
 
-class TLModelMixin(TLTokensMixin):
+class TLModelMixin(TLTokensMixin, TLProcessingMixin):
     """TransformerLens' HookedTransformer API on HookedCommandR (see the module docstring)."""
 
     def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
