@@ -192,6 +192,7 @@ def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substit
     import torch
     from workbench import HookedCommandR
 
+    torch.set_num_threads(1)                      # a small model on a shared machine: threads only contend
     ns = {"__name__": "__demo__", "HookedCommandR": HookedCommandR, "display": lambda *a, **k: None,
           "IN_COLAB": False, "IN_GITHUB": False, "DEBUG_MODE": False, "DEVELOPMENT_MODE": False}
     steps = []
@@ -226,7 +227,7 @@ def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substit
             step["seconds"] = round(time.time() - t0, 2)
             step["stdout"] = out.getvalue()[-2000:]
         steps.append(step)
-    return {"notebook": str(path), "no_tl": no_tl, "steps": steps}
+    return {"notebook": str(path), "no_tl": no_tl, "steps": steps, "namespace": ns}
 
 
 def summary(result: dict) -> dict:
@@ -268,7 +269,8 @@ def main() -> int:
           f"{sm['failed_surface']} surface); skipped {sm['skipped_magic']} install/magic, {sm['skipped_plot']} plotting, "
           f"{sm['skipped_network']} network")
     if args.json:
-        args.json.write_text(json.dumps({"summary": sm, **result}, indent=1))
+        record = {k: v for k, v in result.items() if k != "namespace"}
+        args.json.write_text(json.dumps({"summary": sm, **record}, indent=1))
     return 0 if sm["failed"] == 0 else 1
 
 

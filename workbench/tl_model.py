@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -47,6 +48,7 @@ from .tl_processing import TLProcessingMixin
 from .tl_tokens import TLTokensMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+BRIDGE_BLOCK_ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(in|out)$")
 
 
 class TLAttentionMixin:
@@ -309,6 +311,17 @@ class TLModelMixin(TLTokensMixin, TLProcessingMixin):
             hp.add_hook(hook, dir=dir)
             if is_permanent:
                 self.__dict__.setdefault("_tl_permanent", []).append((hp, hook, dir))
+
+    def resolve_hooks(self, name) -> list:
+        """As ``HookedRootModule.resolve_hooks``; also TL bridge's block aliases ``blocks.{l}.hook_in``
+        (= ``hook_resid_pre``) and ``blocks.{l}.hook_out`` (= ``hook_resid_post``)."""
+        if isinstance(name, str) and name not in self.hook_dict:
+            bridge = BRIDGE_BLOCK_ALIAS.match(name)
+            if bridge:
+                name = get_act_name("resid_pre" if bridge.group(2) == "in" else "resid_post", int(bridge.group(1)))
+        return super().resolve_hooks(name)
+
+    _resolve = resolve_hooks
 
     def _resolve_name(self, name: str) -> list:
         """A full hook name, or a TL short name (``"resid_pre3"``) resolved with ``get_act_name``."""
