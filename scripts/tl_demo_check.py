@@ -20,8 +20,9 @@ What it does to the notebook (nothing else is changed):
   (with the exception). ``--no-tl`` runs as if transformer-lens were not installed.
 
 A failing step's error is classified ``env`` when it comes from the environment (a module that is
-not installed, transformer-lens 4.x lacking ``transformer_lens.utils``, a later step that needs a
-name an earlier failed step should have defined) and ``surface`` otherwise.
+not installed, transformer-lens 4.x lacking ``transformer_lens.utils`` or ``HookedTransformer``),
+``cascade`` when it needs a name an earlier failed or skipped step should have defined, and
+``surface`` otherwise (our TransformerLens surface, or a genuine Command-R difference).
 """
 
 from __future__ import annotations
@@ -174,9 +175,15 @@ def environment_error(exc: BaseException, tl_blocked: bool) -> bool:
         return True
     if isinstance(exc, ImportError) and "TransformerLens" in str(exc):   # a name the installed TL version lacks
         return True
-    if isinstance(exc, NameError):                 # a name an earlier (failed or skipped) step should define
-        return True
     return False
+
+
+def origin_of(exc: BaseException, tl_blocked: bool) -> str:
+    """'env' (the environment), 'cascade' (a name an earlier failed or skipped step should have
+    defined) or 'surface' (our model's TransformerLens surface, or a genuine Command-R difference)."""
+    if environment_error(exc, tl_blocked):
+        return "env"
+    return "cascade" if isinstance(exc, NameError) else "surface"
 
 
 def code_cells(path: Path) -> list:
@@ -220,7 +227,7 @@ def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substit
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 step["status"] = "fail"
-                step["origin"] = "env" if environment_error(exc, no_tl) else "surface"
+                step["origin"] = origin_of(exc, no_tl)
                 step["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if verbose:
                     step["traceback"] = traceback.format_exc(limit=-4)
@@ -236,6 +243,7 @@ def summary(result: dict) -> dict:
     return {"cells": len(steps), "run": len(run), "passed": sum(s["status"] == "pass" for s in run),
             "failed": sum(s["status"] == "fail" for s in run),
             "failed_env": sum(s.get("origin") == "env" for s in run),
+            "failed_cascade": sum(s.get("origin") == "cascade" for s in run),
             "failed_surface": sum(s.get("origin") == "surface" for s in run),
             "skipped_magic": sum(s["kind"] == "magic" for s in steps),
             "skipped_plot": sum(s["kind"] == "plot" for s in steps),
@@ -266,8 +274,8 @@ def main() -> int:
     sm = summary(result)
     print(f"{args.notebook.name} ({'transformer-lens blocked' if args.no_tl else 'transformer-lens available'}): "
           f"{sm['passed']}/{sm['run']} steps passed, {sm['failed']} failed ({sm['failed_env']} environment, "
-          f"{sm['failed_surface']} surface); skipped {sm['skipped_magic']} install/magic, {sm['skipped_plot']} plotting, "
-          f"{sm['skipped_network']} network")
+          f"{sm['failed_cascade']} after an earlier failure, {sm['failed_surface']} surface); "
+          f"skipped {sm['skipped_magic']} install/magic, {sm['skipped_plot']} plotting, {sm['skipped_network']} network")
     if args.json:
         record = {k: v for k, v in result.items() if k != "namespace"}
         args.json.write_text(json.dumps({"summary": sm, **record}, indent=1))

@@ -141,6 +141,7 @@ def test_checker_counts_steps(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert sm["skipped_plot"] == 1 and sm["run"] == 4
     assert steps[0]["status"] == "fail" and steps[0]["origin"] == "env"      # transformer-lens blocked
+    assert sm["failed_env"] == 1 and sm["failed_cascade"] == 0 and sm["failed_surface"] == 1
     assert steps[1]["status"] == "pass" and steps[1]["loads_replaced"] == 1
     assert steps[2]["status"] == "pass"
     assert steps[4]["status"] == "fail" and steps[4]["origin"] == "surface" and "IndexError" in steps[4]["error"]
