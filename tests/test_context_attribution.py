@@ -298,3 +298,34 @@ def test_context_view_data_and_snapshot(model, tok):
     with pytest.raises(ValueError, match="different reply"):
         other = context_attribution(model, tok, ex["messages"], docs, response=ex["response"], method="attention", spans="all")
         ContextView([results[0], other])
+
+
+# ------------------------------------------------------------------------------------------- ragwire: streaming attention
+def test_attention_method_streams_rows_and_equals_full_patterns(model, tok):
+    """The attention method (through attention_to_spans) equals the same sums over the explicit path's full
+    hook_pattern, within 1e-6; and the document ranges contain spans_from_chat's field-value spans."""
+    from workbench.analysis import spans_from_chat
+    from workbench.hook_names import act_name
+    ex = held_out(1, "two")[0]
+    res = context_attribution(model, tok, ex["messages"], ex["documents"], response=ex["response"],
+                              method="attention")
+    ids = res.prompt_ids + res.response_ids
+    _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n.endswith("hook_pattern"))
+    P, L, H = len(res.prompt_ids), model.cfg.n_layers, model.cfg.n_heads
+    expect = torch.zeros(len(res.spans), len(res.documents), L, H)
+    for s, span in enumerate(res.spans):
+        for d, r in enumerate(res.document_ranges):
+            for layer in range(L):
+                rows = cache[act_name("pattern", layer)][0, :, P + span.token_start - 1:P + span.token_end - 1]
+                expect[s, d, layer] = rows[:, :, r.start:r.end].sum(-1).mean(-1)   # [head]
+    got = res.details["per_layer_head"]
+    assert got.shape == expect.shape
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.scores, expect.mean(dim=(2, 3)), atol=1e-6, rtol=0)
+    assert not torch.equal(res.scores[0], res.scores[-1])            # the spans differ: can fail
+    chat_ids, chat_spans = spans_from_chat(tok, ex["messages"], documents=ex["documents"])
+    assert chat_ids[0].tolist() == res.prompt_ids
+    by_name = {s.name: s for s in chat_spans}
+    for r in res.document_ranges:                                    # header + fields  ⊇  field values
+        inner = by_name[f"document {r.index}"]
+        assert r.start <= inner.start < inner.end <= r.end, (r, inner)

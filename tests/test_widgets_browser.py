@@ -148,9 +148,9 @@ def artifacts(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ driving Lab
 class Notebook:
-    def __init__(self, page, lab) -> None:
+    def __init__(self, page, lab, name: str = NOTEBOOK.name) -> None:
         self.page = page
-        page.goto(f"{lab['url']}/lab/tree/{NOTEBOOK.name}?reset&token={lab['token']}")
+        page.goto(f"{lab['url']}/lab/tree/{name}?reset&token={lab['token']}")
         page.wait_for_function("window.jupyterapp !== undefined", timeout=90_000)
         page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
         page.wait_for_function(
@@ -552,3 +552,85 @@ def test_views_in_real_jupyterlab(lab, page, artifacts):
                       f"{load:.1f} on {cores} cores): " + "; ".join(late))
     else:
         assert not late, "; ".join(late)
+
+
+# ------------------------------------------------------------------------------------------------ ragwire: ContextView
+# ContextView in the same JupyterLab (its own small notebook): hovering a span ranks the documents, the model's
+# citations are shown, disagreements flagged, clicking a span selects its first token in a linked TokenView and
+# an AttentionView.from_model (exact rows; its minimap follows the query),
+# label contrast >= 4.5:1 in both themes; screenshots docs/images/context_view_{light,dark}.png.
+CONTEXT_NOTEBOOK = REPO / "tests" / "widget_notebooks" / "context_view.ipynb"
+CONTEXT_SELECTORS = (".wb-contextview .wb-title, .wb-contextview .wb-muted, .wb-contextview .wb-cv-span, "
+                     ".wb-contextview .wb-cv-label, .wb-contextview .wb-cv-table th, .wb-contextview .wb-cv-table td, "
+                     ".wb-contextview .wb-cv-flag, .wb-contextview .wb-cv-response")
+
+
+@pytest.fixture()
+def fresh_page(page):
+    """A new tab beside the shared one (leaving a notebook with unsaved output asks "leave page?")."""
+    pg = page.context.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.set_default_timeout(60_000)
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def test_context_view_in_real_jupyterlab(lab, fresh_page, artifacts):
+    if not (REPO / "workbench" / "bundled" / "command-r-tiny").is_dir():
+        pytest.skip("the bundled command-r-tiny is not present")
+    page = fresh_page
+    shutil.copy(CONTEXT_NOTEBOOK, lab["root"] / CONTEXT_NOTEBOOK.name)
+    nb = Notebook(page, lab, CONTEXT_NOTEBOOK.name)
+    nb.run(0, timeout=240)
+    expect = nb.printed(0, "EXPECT_CV")
+    root = nb.cell(0).locator(".wb-contextview")
+    spans = root.locator(".wb-cv-response .wb-cv-span")
+    spans.first.wait_for()
+    assert spans.count() == expect["n"]
+    assert [spans.nth(i).inner_text() for i in range(expect["n"])] == expect["texts"]
+    for s in range(expect["n"]):                                     # hover: ranked, cited, flagged
+        spans.nth(s).hover()
+        rows = root.locator(".wb-cv-panel tr.wb-cv-doc")
+        rows.first.wait_for()
+        assert [int(rows.nth(i).get_attribute("data-doc")) for i in range(rows.count())] == expect["ranks"][s]
+        assert "wb-cv-top" in rows.nth(0).get_attribute("class")
+        cited = [int(rows.nth(i).get_attribute("data-doc")) for i in range(rows.count())
+                 if "cited" in rows.nth(i).locator("td").last.inner_text()]
+        assert sorted(cited) == [d for d, c in enumerate(expect["citations"][s]) if c]
+        flag = root.locator(".wb-cv-panel .wb-cv-flag")
+        if expect["disagree"][s]:
+            assert flag.inner_text().endswith(", ".join(expect["disagree"][s]))
+        else:
+            assert flag.count() == 0
+    assert any(expect["disagree"]) and "wb-cv-disagree" in spans.nth(expect["n"] - 1).get_attribute("class")
+    assert page.locator("img[src='x']").count() == 0 and page.dialogs == []
+    last = expect["n"] - 1                                           # click: the linked TokenView follows
+    spans.nth(last).click()
+    tv = nb.cell(0).locator(".wb-tokenview")
+    page.wait_for_function("(el) => el.querySelector('.wb-tok.wb-query') !== null", arg=tv.element_handle(),
+                           timeout=30_000)
+    assert "wb-cv-active" in spans.nth(last).get_attribute("class")
+    linked = nb.printed(1, "LINKED") if nb.run(1) else {}
+    pos = expect["positions"][last]
+    assert linked == {"selected": last, "position": pos, "token": pos, "query": pos}
+    av = nb.cell(0).locator(".wb-attentionview")                     # the long-prompt view follows too
+    page.wait_for_function("([el, t]) => el.textContent.includes(t)",
+                           arg=[av.locator(".wb-minimap-label").element_handle(), f"attention of query {pos}"],
+                           timeout=30_000)
+    assert "rows computed for queries" in av.locator(".wb-minimap-label").inner_text()
+    shot(av, "attention_view_from_rows", artifacts, readme=False)
+    spans.nth(last).hover()
+    page.wait_for_timeout(200)
+    for theme, suffix in (("JupyterLab Light", "light"), ("JupyterLab Dark", "dark")):
+        set_theme(page, theme)
+        spans.nth(last).hover()
+        found = page.evaluate(CONTRAST_JS, CONTEXT_SELECTORS)
+        bad = [f for f in found if f[0] < 4.5]
+        assert len(found) > 30 and not bad, f"{theme}: {len(bad)} of {len(found)} under 4.5:1: {bad[:8]}"
+        print(f"CONTEXT CONTRAST {theme}: {len(found)} text elements >= 4.5:1")
+        shot(root, f"context_view_{suffix}", artifacts)
+    set_theme(page, "JupyterLab Light")
+# ------------------------------------------------------------------------------------------------ end ragwire

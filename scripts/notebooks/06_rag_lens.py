@@ -100,6 +100,43 @@ view = ContextView(results, title="Tell me about Alice.")
 view
 
 # %% [markdown]
+# ## The long-context path: named spans and attention without the full pattern
+#
+# `spans_from_chat` renders the same conversation and names every part: the system preamble, each turn, the
+# question and each document's field values (inside the whole document blocks that `rag_prompt` found above,
+# which also hold the `Document: i` header). `attention_to_spans` then sums the attention of chosen queries
+# over each span in one forward, computing only those queries' rows layer by layer: memory grows with
+# queries × prompt, never prompt², so the same call works on a 32k-token prompt. The attention method of
+# `context_attribution` uses it too. `AttentionView.from_model` builds a view from exact rows the same way,
+# with the spans shaded on its minimap (click to jump).
+
+# %%
+from workbench.analysis import attention_to_spans, spans_from_chat
+from IPython.display import display
+
+from workbench.widgets import AttentionView, TokenView, link_selection
+
+chat_ids, chat_spans = spans_from_chat(tok, messages, documents=documents)
+assert chat_ids[0].tolist() == list(prompt.ids)            # the same rendering as rag_prompt's
+full_ids = torch.tensor([list(prompt.ids) + list(reply_ids)], device=model.device)
+mass = attention_to_spans(model, full_ids, chat_spans, queries=[-1])   # [layer batch head 1 n_spans]
+per_span = mass[:, 0, :, 0].mean(dim=(0, 1))                          # mean over layers and heads
+for span, m in zip(chat_spans, per_span.tolist()):
+    print(f"{span.name:<12} tokens [{span.start:>3}, {span.end:>3})  attention of the last token {m:.3f}")
+
+# %% [markdown]
+# Select a span of the reply in the ContextView and the same tokens are selected in the token strip and the
+# attention view (`link_selection`); select a token of the reply there and its span lights up here.
+
+# %%
+view_ids = list(prompt.ids) + list(reply_ids)
+tokens_view = TokenView(tok, view_ids, title="prompt + reply")
+attention_view = AttentionView.from_model(model, tok, view_ids, query=-1, spans=chat_spans, window=32)
+linked = ContextView(results, title="linked")
+link_selection(linked, tokens_view, attention_view)
+display(linked, tokens_view, attention_view)
+
+# %% [markdown]
 # ## Citations check
 #
 # For every span that cites something: is the top document of each method among the cited ones?

@@ -7,12 +7,15 @@ and scores every (span, document) pair with one of three methods (see ``context_
 * ``"ablation"``: the span's log-probability with all documents minus without the document
   (exact leave-one-out), or a Lasso surrogate on ``n_ablations`` random subsets (ContextCite);
 * ``"attention"``: attention mass from the span's tokens to the document, layers and heads averaged
-  (``details["per_layer_head"]`` keeps the breakdown);
+  (``details["per_layer_head"]`` keeps the breakdown); computed by ``attention_to_spans`` from the span's
+  query rows only, so memory stays O(span tokens x prompt) at long context;
 * ``"gradient"``: gradient x input of the span's log-probability at ``hook_embed``, summed per document.
 
 The model's own claims come from its citation markup (``<co: 0,2>...</co: 0,2>``): ``model_citations``
 ``[n_spans n_documents]``, and ``agreement`` = the share of citing spans whose top-scored document is
-one they cite.
+one they cite. A document's tokens are its whole rendered block (``rag_spans``: header and field names
+included, the same tokens the ablation removes); ``spans_from_chat``'s ``"document i"`` spans are the field
+values inside that block.
 
 Example::
 

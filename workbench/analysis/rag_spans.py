@@ -12,6 +12,14 @@ Document ranges are found by rendering the template with the first k documents f
 template text is hard-coded), then mapped to tokens through the tokenizer's character spans; the
 citation markup ``<co: 0,2>claim</co: 0,2>`` is parsed into the documents each span cites.
 
+These ranges and ``workbench.analysis.spans_from_chat``'s ``"document i"`` spans describe the same rendering
+(the same ids) but different extents, on purpose: here a document is its WHOLE block (the ``Document: i``
+header and field names included), because the ablation method removes exactly that block and the prompt must
+read as if the document had never been given; ``spans_from_chat`` covers the field values only (first value to
+last), the tokens a reader would call the document's content. Every ``spans_from_chat`` document span lies
+inside the corresponding block here. Use these ranges for attribution (all methods score the same tokens an
+ablation removes) and ``spans_from_chat`` for attention maps of whole conversations (turns, system, question).
+
 Example::
 
     prompt = rag_prompt(tok, [{"role": "user", "content": "Where does Alice live?"}], documents)

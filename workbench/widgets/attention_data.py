@@ -71,6 +71,10 @@ class PatternStore:
         """[head T T] view (not a copy) of the stored positions."""
         return self.layers[layer][:, : self.n, : self.n]
 
+    def row(self, layer: int, head: int, query: int) -> torch.Tensor:
+        """[T]: the attention of ``query`` over every key."""
+        return self.layers[layer][head, query, : self.n]
+
     def window(self, layer: int, head: int, q0: int, k0: int, size: int) -> torch.Tensor:
         return self.layers[layer][head, q0: min(self.n, q0 + size), k0: min(self.n, k0 + size)]
 
@@ -118,6 +122,88 @@ class PatternStore:
         full = self.layers[layer][head, : self.n, : self.n]
         values = full[query] if 0 <= query < self.n else full.sum(0) / torch.arange(self.n, 0, -1)
         return pool1d(values, bins)
+
+
+# ----------------------------------------------------------------------------- ragwire: rows of a long prompt
+class RowStore(PatternStore):
+    """Exact rows ``[head n_q T]`` of the queries ``[q0, q0 + n_q)`` per layer (from ``attention_rows``), for
+    prompts too long for ``T x T`` patterns: everything the view cuts out is computed from these rows, and
+    rows of queries that were not computed read as 0 (the window, thumbnails and captions say which).
+
+    Example::
+
+        rows = attention_rows(model, ids, queries=range(T - 48, T))     # {layer: [1 head 48 T]}
+        store = RowStore({l: r[0] for l, r in rows.items()}, q0=T - 48, n=T)
+    """
+
+    def __init__(self, rows: dict, q0: int, n: int) -> None:
+        super().__init__({int(k): v.detach().to("cpu", torch.float32) for k, v in rows.items()}, n)
+        self.q0 = int(q0)
+        self.q1 = self.q0 + next(iter(self.layers.values())).shape[1]
+
+    def add_rows(self, layer, pattern, positions) -> None:
+        raise ValueError("AttentionView.from_model: the rows of a long prompt are fixed; build a new view")
+
+    def row(self, layer: int, head: int, query: int) -> torch.Tensor:
+        if self.q0 <= query < self.q1:
+            return self.layers[layer][head, query - self.q0]
+        return torch.zeros(self.n)
+
+    def full(self, layer: int) -> torch.Tensor:
+        """[head T T] with the stored rows filled in (a T x T tensor: only for what fits in memory)."""
+        rows = self.layers[layer]
+        out = torch.zeros(rows.shape[0], self.n, self.n)
+        out[:, self.q0: self.q1] = rows
+        return out
+
+    def window(self, layer: int, head: int, q0: int, k0: int, size: int) -> torch.Tensor:
+        q1, k1 = min(self.n, q0 + size), min(self.n, k0 + size)
+        out = torch.zeros(max(0, q1 - q0), max(0, k1 - k0))
+        a, b = max(q0, self.q0), min(q1, self.q1)
+        if a < b:
+            out[a - q0: b - q0] = self.layers[layer][head, a - self.q0: b - self.q0, k0:k1]
+        return out
+
+    def outside(self, layer: int, head: int, q0: int, nq: int, k0: int, nk: int) -> torch.Tensor:
+        rows = torch.stack([self.row(layer, head, q) for q in range(q0, min(self.n, q0 + nq))]) if nq else \
+            torch.zeros(0, self.n)
+        return torch.stack([rows[:, :k0].sum(-1), rows[:, k0 + nk:].sum(-1)], dim=-1)
+
+    def thumbnails(self, layers: Sequence[int], size: int, magnitude: bool = False) -> torch.Tensor:
+        """[len(layers) head s s]: each thumbnail row max-pools the stored queries that fall in it (0 elsewhere)."""
+        out = torch.zeros(len(layers), self.n_heads, size, size)
+        for i, layer in enumerate(layers):
+            rows = self.layers[layer].abs() if magnitude else self.layers[layer]           # [head n_q T]
+            keys = F.adaptive_max_pool1d(rows, size) if self.n > size else rows             # [head n_q s]
+            band = (torch.arange(self.q0, self.q1) * size) // max(self.n, 1)                # thumbnail row per query
+            for r in band.unique().tolist():
+                out[i, :, r] = keys[:, band == r].amax(1)
+        return out
+
+    def head_scores(self, token_ids: Optional[torch.Tensor]) -> dict[str, list[list[float]]]:
+        """As ``PatternStore.head_scores``, over the stored queries only."""
+        q = torch.arange(self.q0, self.q1)
+        out: dict[str, list[list[float]]] = {name: [] for name in SCORE_NAMES}
+        prev = previous_occurrence(token_ids[None, : self.n])[0][q] if token_ids is not None else None
+        for layer, rows in self.layers.items():                                            # [head n_q T]
+            i = torch.arange(len(q))
+            has = q >= 1
+            out["previous-token"].append(rows[:, i[has], q[has] - 1].mean(-1).tolist() if bool(has.any())
+                                         else [0.0] * rows.shape[0])
+            out["BOS"].append(rows[:, :, 0].mean(-1).tolist())
+            ind = (prev >= 0) & (prev + 1 < q) if prev is not None else torch.zeros(len(q), dtype=torch.bool)
+            out["induction"].append(rows[:, i[ind], prev[ind] + 1].mean(-1).tolist() if bool(ind.any())
+                                    else [0.0] * rows.shape[0])
+        return out
+
+    def profile(self, layer: int, head: int, query: int, bins: int) -> torch.Tensor:
+        """The query's row when it is stored; else the attention each key receives from the stored queries
+        (mean over those that may attend to it)."""
+        if self.q0 <= query < self.q1:
+            return pool1d(self.row(layer, head, query), bins)
+        rows = self.layers[layer][head]                                                    # [n_q T]
+        seen = (torch.arange(self.q0, self.q1)[:, None] >= torch.arange(self.n)[None]).sum(0).clamp(min=1)
+        return pool1d(rows.sum(0) / seen, bins)
 
 
 def pool1d(values: torch.Tensor, bins: int) -> torch.Tensor:

@@ -28,11 +28,16 @@ import traitlets
 from ..hook_names import is_kind, layer_of
 from ._base import (RecordsMixin, esm, f16_bytes, resolve_ids, static_text, string_records, token_records,
                     u8_bytes)
-from .attention_data import SCORE_NAMES, PatternStore, check_spans, pool1d
+from ..analysis.attention_rows import attention_rows
+from .attention_data import SCORE_NAMES, PatternStore, RowStore, check_spans, pool1d
 from .snapshot import SnapshotMixin, chips_html, esc, heatmap_img, legend_html, snapshot_page
 
 MINIMAP_BINS = 400
 SCALES = ("linear", "log", "row")
+
+
+def _bad_query(p: int, T: int) -> int:
+    raise ValueError(f"queries: position {p} outside the {T} tokens")
 
 
 def pattern_filter(name: str) -> bool:
@@ -152,20 +157,71 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
             profile = torch.as_tensor(profile, dtype=torch.float32).reshape(-1)
             if profile.numel() != T:
                 raise ValueError(f"profile: expected one value per position ({T}), got {profile.numel()}")
+        self._install(PatternStore(found, T), records, heads.pop(), spans, profile)
+
+    def _install(self, store: PatternStore, records: list, n_heads: int, spans: Any, profile: Any) -> None:
+        T = store.n
         spans_list = check_spans(spans, T)
-        self._data = PatternStore(found, T)
+        self._data = store
         self._ids = torch.tensor([r["id"] for r in records]) if all(r["id"] >= 0 for r in records) else None
         self._profile = profile
         self._thumbs_n = 0
         with self.hold_sync():
             self.n_tokens = T
             self.tokens = records
-            self.n_heads = heads.pop()
+            self.n_heads = n_heads
             self.layers = list(self._data.layers)
             self.spans_json = json.dumps(spans_list, ensure_ascii=False)
             self.query = -1
             self._update_scores()
             self._select(self.layer if self.layer in self._data.layers else self.layers[0], self.head)
+
+    # ----------------------------------------------------------------------- ragwire: long prompts from rows
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, text_or_ids: Any, *, query: Optional[int] = None, queries: Any = None,
+                   layers: Any = None, spans: Any = None, layer: Optional[int] = None, head: int = 0,
+                   window: int = 48, **kwargs: Any) -> "AttentionView":
+        """A view of a long prompt from exact attention rows (``attention_rows``: one forward, memory
+        O(rows x T), never a ``T x T`` pattern). ``queries``: the positions whose rows are computed (default
+        the last ``window``, or ``window`` around ``query``, a position selected at the start, negative from
+        the end); the heatmap, thumbnails, head scores and the
+        minimap (the selected query's row, or the attention each key receives from the computed queries) all
+        come from those rows. ``spans``: ``(name, start, end)`` ranges, e.g. ``spans_from_chat``'s, shaded on
+        the minimap.
+
+        Example::
+
+            ids, spans = spans_from_chat(tok, messages, documents=docs)
+            AttentionView.from_model(model, tok, ids, query=-1, spans=spans, layers=[0, 1])
+        """
+        ids = resolve_ids(tokenizer, text_or_ids)
+        T = len(ids)
+        if T == 0:
+            raise ValueError("text_or_ids: the prompt is empty")
+        if query is not None and not -T <= query < T:
+            raise ValueError(f"query={query}: expected a position in [-{T}, {T})")
+        q = None if query is None else query % T
+        if queries is None:
+            start = max(0, T - window) if q is None else min(max(0, q - window // 2), max(0, T - window))
+            queries = range(start, min(T, start + window))
+        queries = sorted({p % T if -T <= p < T else _bad_query(p, T) for p in queries})
+        if not queries or queries != list(range(queries[0], queries[-1] + 1)):
+            raise ValueError(f"queries: expected consecutive positions, got {queries[:8]}...")
+        input_ids = torch.tensor([ids], dtype=torch.long, device=getattr(model, "device", None))
+        rows = attention_rows(model, input_ids, layers=layers, queries=queries)         # {layer: [1 head n_q T]}
+        view = cls(tokenizer=tokenizer, window=window, **kwargs)
+        store = RowStore({k: v[0] for k, v in rows.items()}, queries[0], T)
+        with view.hold_sync():
+            view._install(store, view._records(ids), store.n_heads, spans, None)
+            view._busy = True
+            view.q_start, view.k_start = min(queries[0], max(0, T - window)), min(queries[0], max(0, T - window))
+            view._busy = False
+            view._select(layer if layer is not None else next(iter(store.layers)), head)
+            if q is not None:
+                if q not in queries:
+                    raise ValueError(f"query={query}: not among the computed queries {queries[0]}..{queries[-1]}")
+                view.query = q
+        return view
 
     def _records(self, tokens: Any) -> list[dict]:
         if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
@@ -296,7 +352,7 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
                 self.outside = f16_bytes(data.outside(self.layer, head, self.q_start, block.shape[0],
                                                       self.k_start, block.shape[1]))
                 self._refresh_thumbs(thumbs)
-                self.query_row = f16_bytes(data.full(self.layer)[head, self.query]) if 0 <= self.query < T else b""
+                self.query_row = f16_bytes(data.row(self.layer, head, self.query)) if 0 <= self.query < T else b""
                 self._refresh_minimap(head)
         finally:
             self._busy = False
@@ -328,6 +384,8 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         self.minimap = f16_bytes(self._data.profile(self.layer, head, self.query, MINIMAP_BINS))
         self.minimap_label = (f"attention of query {self.query}" if 0 <= self.query < self._data.n
                               else "attention received per key (mean over queries)")
+        if isinstance(self._data, RowStore):
+            self.minimap_label += f"; rows computed for queries {self._data.q0}–{self._data.q1 - 1} only"
 
     # ------------------------------------------------------------------------------------------- data out
     def pattern_full(self, layer: Optional[int] = None, head: Optional[int] = None) -> torch.Tensor:
@@ -339,7 +397,8 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
     def pattern_slice(self) -> torch.Tensor:
         """[n_q n_k] float32: the window the heatmap shows (before the float16 transfer)."""
         n_q, n_k = self.pattern_shape
-        return self.pattern_full()[self.q_start: self.q_start + n_q, self.k_start: self.k_start + n_k]
+        block = self._data.window(self.layer, self.head, self.q_start, self.k_start, max(n_q, n_k))
+        return block[:n_q, :n_k].clone()
 
     def to_html(self, full_page: bool = True) -> str:
         """Static snapshot under 64 KiB: the window as one PNG (max-pooled if large; the caption says so) with
@@ -357,7 +416,8 @@ class AttentionView(SnapshotMixin, RecordsMixin, anywidget.AnyWidget):
         text = ""
         if 0 <= self.query < self._data.n:
             text = ("<div class='wb-attn-text'>" +
-                    chips_html(recs[: self._data.n], self.pattern_full()[self.query].tolist(), budget=24 * 1024)
+                    chips_html(recs[: self._data.n], self._data.row(self.layer, self.head, self.query).tolist(),
+                               budget=24 * 1024)
                     + "</div>")
         body = (f"<div class='wb-root wb-snapshot'><div class='wb-head'><span class='wb-title'>layer {self.layer} "
                 f"head {self.head}</span><span class='wb-muted'>queries {self.q_start}–{self.q_start + n_q - 1}, "

@@ -56,7 +56,9 @@ def view_data(results: Sequence) -> dict:
     docs = [{"index": i, "title": str(d.get("title", "")), "text": " ".join(f"{v}" for k, v in d.items() if k != "title")}
             for i, d in enumerate(first.documents)]
     return {"response": first.response,
-            "spans": [{"text": s.text, "start": s.start, "end": s.end, "label": s.label} for s in first.spans],
+            "spans": [{"text": s.text, "start": s.start, "end": s.end, "label": s.label,
+                       "token_start": s.token_start, "token_end": s.token_end} for s in first.spans],
+            "prompt_length": len(getattr(first, "prompt_ids", ())),
             "documents": docs, "methods": methods, "order": [r.method for r in results],
             "citations": [[bool(x) for x in row] for row in cites]}
 
@@ -71,6 +73,7 @@ class ContextView(SnapshotMixin, anywidget.AnyWidget):
         results = [context_attribution(model, tok, messages, docs, response=reply, method=m)
                    for m in ("ablation", "attention", "gradient")]
         ContextView(results)                      # display it; hover a span
+        link_selection(ContextView(results), TokenView(tok, results[0].prompt_ids + results[0].response_ids))
     """
 
     _esm = static_text("context_view.js")
@@ -79,6 +82,7 @@ class ContextView(SnapshotMixin, anywidget.AnyWidget):
     data_json = traitlets.Unicode("{}").tag(sync=True)
     method = traitlets.Unicode("").tag(sync=True)         # the method that shades the document rows
     selected = traitlets.Int(-1).tag(sync=True)           # span clicked (-1: none)
+    position = traitlets.Int(-1).tag(sync=True)           # the selected span's first token in prompt + reply ids
     title = traitlets.Unicode("").tag(sync=True)
 
     def __init__(self, results: Any, title: str = "", **kwargs: Any) -> None:
@@ -87,6 +91,37 @@ class ContextView(SnapshotMixin, anywidget.AnyWidget):
         self.results = items
         self.data = view_data(items)
         self.data_json = json.dumps(self.data, ensure_ascii=False)
+        self._linking = False
+
+    # ------------------------------------------------------------------ ragwire: linked selection
+    # ``position`` is what ``link_selection`` links: selecting a span selects its first token (prompt + reply
+    # ids) in a TokenView / AttentionView of those ids; selecting a token there selects the span holding it.
+    def span_at(self, position: int) -> int:
+        """The span holding token ``position`` of prompt + reply ids (-1: none)."""
+        p = position - self.data["prompt_length"]
+        return next((i for i, s in enumerate(self.data["spans"]) if s["token_start"] <= p < s["token_end"]), -1)
+
+    @traitlets.observe("selected")
+    def _selected_changed(self, change: dict) -> None:
+        if self._linking:
+            return
+        s = change["new"]
+        spans = self.data["spans"]
+        self._linking = True
+        try:
+            self.position = self.data["prompt_length"] + spans[s]["token_start"] if 0 <= s < len(spans) else -1
+        finally:
+            self._linking = False
+
+    @traitlets.observe("position")
+    def _position_changed(self, change: dict) -> None:
+        if self._linking:
+            return
+        self._linking = True
+        try:
+            self.selected = self.span_at(change["new"]) if change["new"] >= 0 else -1
+        finally:
+            self._linking = False
 
     def _span_html(self, s: int) -> str:
         d = self.data
@@ -99,7 +134,7 @@ class ContextView(SnapshotMixin, anywidget.AnyWidget):
             i = doc["index"]
             cells = "".join(f"<td>#{d['methods'][m]['ranks'][s].index(i) + 1} ({d['methods'][m]['scores'][s][i]:.3g})</td>"
                             for m in d["order"])
-            mark = "<td class='wb-cv-cited'>cited</td>" if cited[i] else "<td></td>"
+            mark = "<td class='wb-cv-cited'>\u2713 cited</td>" if cited[i] else "<td></td>"
             rows.append(f"<tr><td>{i}</td><td>{esc(doc['title'])}</td>{cells}{mark}</tr>")
         flags = [m for m in d["order"] if d["methods"][m]["disagree"][s]]
         flag = (f"<div class='wb-cv-flag'>top document not cited by the span: {esc(', '.join(flags))}</div>"

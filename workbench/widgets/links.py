@@ -1,7 +1,8 @@
 """Linked selection: selecting a token in one view selects the same position in the others.
 
 Each view names its selection trait: ``TokenView.selected``, ``AttentionView.query``, ``LogitLensView.selected``
-(a position, -1 for none). The views pan their windows to a selected position and the token strips scroll to it.
+(a position, -1 for none); ``ContextView.position`` (the selected span's first token in prompt + reply ids;
+selecting a token inside a span selects that span). The views pan their windows to a selected position and the token strips scroll to it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any
 
 import traitlets
 
-SELECTION_TRAIT = {"TokenView": "selected", "AttentionView": "query", "LogitLensView": "selected"}
+SELECTION_TRAIT = {"TokenView": "selected", "AttentionView": "query", "LogitLensView": "selected",
+                   "ContextView": "position"}   # ContextView: the selected span's first token (prompt + reply)
 
 
 def selection_trait(view: Any) -> str:

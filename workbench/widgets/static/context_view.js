@@ -12,9 +12,10 @@ function clear_(e) {
   while (e.firstChild) e.removeChild(e.firstChild);
 }
 
+// A translucent blue over the theme's background; the text keeps the theme's colour (readable on both themes).
 function shade(p) {
   p = Math.min(Math.max(p || 0, 0), 1);
-  return `rgb(${Math.round(255 - 222 * p)},${Math.round(255 - 165 * p)},${Math.round(255 - 75 * p)})`;
+  return `rgba(49,90,180,${(0.45 * p).toFixed(3)})`;
 }
 
 function render({ model, el }) {
@@ -78,14 +79,15 @@ function render({ model, el }) {
       const doc = d.documents[i];
       const tr = el_("tr");
       tr.style.background = shade(Math.max(row[i], 0) / hi * 0.8);
-      tr.style.color = row[i] / hi > 0.55 ? "#fff" : "#111";
       tr.title = doc.text;
+      tr.className = "wb-cv-doc" + (i === method.ranks[s][0] ? " wb-cv-top" : "");
+      tr.dataset.doc = String(i);
       tr.append(el_("td", "", String(i)), el_("td", "", doc.title));
       d.order.forEach((m) => {
         const r = d.methods[m].ranks[s].indexOf(i) + 1;
         tr.appendChild(el_("td", "", `#${r} (${d.methods[m].scores[s][i].toPrecision(3)})`));
       });
-      tr.appendChild(el_("td", d.citations[s][i] ? "wb-cv-cited" : "", d.citations[s][i] ? "cited" : ""));
+      tr.appendChild(el_("td", d.citations[s][i] ? "wb-cv-cited" : "", d.citations[s][i] ? "\u2713 cited" : ""));
       table.appendChild(tr);
     });
     panel.appendChild(table);
