@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from .hook_names import block_name
+
 
 def _weight_ok(w: torch.Tensor, what: str) -> None:
     if w.device.type == "meta" or not w.is_floating_point():
@@ -63,10 +65,10 @@ class TLProcessingMixin:
         """Fold each block's ``ln1`` weight into q/k/v and gate/up; ``ln1.weight`` becomes ones."""
         for block in self.blocks:
             w = block.ln1.weight
-            _weight_ok(w, f"blocks.{block.layer}.ln1.weight")
+            _weight_ok(w, block_name(block.layer, "ln1.weight"))
             readers = (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj)
             for lin in readers:
-                _weight_ok(lin.weight, f"blocks.{block.layer} {type(lin).__name__}")
+                _weight_ok(lin.weight, block_name(block.layer, type(lin).__name__))
             for lin in readers:
                 folded = lin.weight.float() * w.float()[None, :]                 # [out d_model]
                 lin.weight.copy_(folded.to(lin.weight.dtype))
@@ -77,7 +79,7 @@ class TLProcessingMixin:
         """Remove the mean over d_model from every block's ``W_O`` and ``W_out`` (``W_E`` is tied: kept)."""
         for block in self.blocks:
             for lin in (block.attn.o_proj, block.mlp.down_proj):
-                _weight_ok(lin.weight, f"blocks.{block.layer} {type(lin).__name__}")
+                _weight_ok(lin.weight, block_name(block.layer, type(lin).__name__))
                 w = lin.weight.float()                                            # [d_model in]
                 lin.weight.copy_((w - w.mean(0, keepdim=True)).to(lin.weight.dtype))
 
@@ -85,11 +87,11 @@ class TLProcessingMixin:
         """(name, tensor) pairs under TransformerLens' names (``blocks.0.attn.W_Q`` ...), head-major."""
         yield "embed.W_E", self.W_E
         for i, block in enumerate(self.blocks):
-            yield f"blocks.{i}.ln1.w", block.ln1.weight
+            yield block_name(i, "ln1.w"), block.ln1.weight
             for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
-                yield f"blocks.{i}.attn.{name}", getattr(block.attn, name)
+                yield block_name(i, "attn." + name), getattr(block.attn, name)
             for name in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
-                yield f"blocks.{i}.mlp.{name}", getattr(block.mlp, name)
+                yield block_name(i, "mlp." + name), getattr(block.mlp, name)
         yield "ln_final.w", self.ln_final.weight
         yield "unembed.W_U", self.W_U
         yield "unembed.b_U", self.b_U
