@@ -10,7 +10,7 @@ import torch
 
 from _reference import load_reference, make_hf_checkpoint
 from workbench import HookedCommandR
-from workbench.generation import StepInfo, TextStreamer, generate_text
+from workbench.generation import GenerationInterrupted, StepInfo, TextStreamer, generate_text
 from workbench.kv_cache import KVCache
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -257,8 +257,10 @@ def test_keyboard_interrupt_ends_cleanly(pairs):
         if info.step == 2:
             raise KeyboardInterrupt
 
-    out = ours.generate(ids, max_new_tokens=12, eos_token_id=[], on_step=on_step, capture=["hook_logits"],
-                        fwd_hooks=[("hook_embed", lambda x, hook: None)])
+    with pytest.raises(GenerationInterrupted) as info:      # the interrupt reaches the caller, with the tokens
+        ours.generate(ids, max_new_tokens=12, eos_token_id=[], on_step=on_step, capture=["hook_logits"],
+                      fwd_hooks=[("hook_embed", lambda x, hook: None)])
+    out = info.value.tokens
     assert torch.equal(out, full[:, :ids.shape[1] + 3]) and _no_hooks(ours)
 
     # interrupted in the middle of a decode forward: the cache rolls back and can continue
@@ -268,8 +270,10 @@ def test_keyboard_interrupt_ends_cleanly(pairs):
         if hook.ctx.step == 5:
             raise KeyboardInterrupt
 
-    out = ours.generate(ids, max_new_tokens=12, eos_token_id=[], kv_cache=cache,
-                        fwd_hooks=[("blocks.2.hook_resid_pre", boom)])
+    with pytest.raises(KeyboardInterrupt) as info:
+        ours.generate(ids, max_new_tokens=12, eos_token_id=[], kv_cache=cache,
+                      fwd_hooks=[("blocks.2.hook_resid_pre", boom)])
+    out = info.value.tokens
     assert torch.equal(out, full[:, :ids.shape[1] + 5]) and _no_hooks(ours)
     assert cache.seen == out.shape[1] - 1
     rest = ours.generate(out, max_new_tokens=12 - 5, eos_token_id=[], kv_cache=cache)

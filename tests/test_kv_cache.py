@@ -157,8 +157,11 @@ def test_interrupted_forward_is_detected_and_rolled_back():
         model(ids[:, :6], kv_cache=cache)
         with pytest.raises(KeyboardInterrupt):
             model.run_with_hooks(ids[:, 6:7], kv_cache=cache, fwd_hooks=[("blocks.2.hook_resid_pre", boom)])
+        # layers 0, 1 were updated, layer 2 was not: the forward's exception rolled them back (hardA)
+        assert cache.seen == 6 and all(cache.length(i) == 6 for i in range(cache.n_layers))
+        cache.update(0, *[torch.zeros(1, model.cfg.n_kv_heads, 1, model.cfg.d_head)] * 2)   # by hand, half-way
         with pytest.raises(KVCacheError, match="interrupted"):
-            model(ids[:, 6:7], kv_cache=cache)           # layers 0, 1 were updated, layer 2 was not
+            model(ids[:, 6:7], kv_cache=cache)           # a half-written cache is still detected
         cache.rollback()
         got = torch.cat([model(ids[:, i:i + 1], kv_cache=cache) for i in (6, 7)], 1)
         torch.testing.assert_close(got, model(ids)[:, 6:], **TOL)

@@ -50,9 +50,10 @@ def test_cpu_disk_offload_logits_equal(ckpt, plain, tmp_path, use_folder, impl):
     model = _offloaded(ckpt, folder)
     disk = _disk_params(model)
     assert disk and all(model.get_parameter(n).is_meta for n in disk)       # really not in memory
-    if use_folder:
-        assert os.path.isfile(os.path.join(folder, "index.json"))
-        assert any(f.startswith("blocks.") for f in os.listdir(folder))
+    if use_folder:      # one subfolder per checkpoint and dtype (hardA: shared folders never overwrite)
+        [sub] = [os.path.join(folder, d) for d in os.listdir(folder)]
+        assert os.path.isfile(os.path.join(sub, "index.json"))
+        assert any(f.startswith("blocks.") for f in os.listdir(sub))
     plain.attn_impl = model.attn_impl = impl
     ids = _ids()
     with torch.no_grad():

@@ -247,7 +247,7 @@ def test_token_pieces_partial_sequence_and_unused_ids(tok):
     assert first[0].span == (0, 2)
     unused = tok.token_pieces([28339, 255500])  # embedding rows beyond the tokenizer's ids
     assert unused[1].bytes == b"" and unused[1].text == "<unused:255500>" and unused[1].span == (5, 5)
-    assert tok.decode([28339, 255500]) == "Hello"
+    assert tok.decode([28339, 255500], errors="ignore") == "Hello"   # strict (the default) raises: test_hardening_b
 
 
 @given(ids=st.lists(st.integers(min_value=0, max_value=255028), max_size=12))

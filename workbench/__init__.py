@@ -12,7 +12,7 @@ Example::
 
 from .activation_cache import ActivationCache, CacheMismatchError
 from .config import CommandRConfig, ConfigError
-from .generation import TextStreamer, generate_text
+from .generation import GenerationInterrupted, TextStreamer, generate_text
 from .hook_names import act_name, get_act_name
 from .hook_points import HookContext, HookError, HookPoint, StopForward
 from .hook_table import format_hook_table
@@ -24,7 +24,7 @@ from .quantization import QuantizationConfig
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "ActivationCache", "CacheMismatchError", "CommandRConfig", "ConfigError", "HookContext", "HookError", "HookPoint",
+    "ActivationCache", "CacheMismatchError", "CommandRConfig", "ConfigError", "GenerationInterrupted", "HookContext", "HookError", "HookPoint",
     "HookedCommandR", "KVCache", "QuantizationConfig", "StopForward", "TextStreamer", "Tokenizer", "act_name",
     "estimate_memory", "format_hook_table", "generate_text", "get_act_name", "setup_notebook",
 ]

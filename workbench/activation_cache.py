@@ -15,7 +15,7 @@ Example::
     heads, labels = cache.stack_head_results()         # [layer*head batch pos d_model], "L0H0", ...
     cache.logit_attrs(parts, tokens=answer_ids)        # [component batch pos], frozen ln_final scale
     cache.save("run.safetensors", tokens=ids)
-    ActivationCache.load("run.safetensors", model=model)   # refuses a model with another config
+    ActivationCache.load("run.safetensors", model=model)   # refuses another config or other weights
 
 The cache is a container; the residual-stream methods are thin delegations to the functions of
 ``workbench.cache_analysis`` (also exported by ``workbench.analysis``), and the file format lives in
@@ -25,13 +25,16 @@ The cache is a container; the residual-stream methods are thin delegations to th
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 
 from . import cache_analysis
 from .cache_analysis import PosSlice, slice_pos
-from .cache_files import FILE_FORMAT, FILE_FORMAT_VERSION, CacheMismatchError, read_cache_file, write_cache_file
+from .cache_files import (FILE_FORMAT, FILE_FORMAT_VERSION, CacheMismatchError, check_hook_shapes, check_weights,
+                          read_cache_file, write_cache_file)
+from .fingerprint import weights_fingerprint, weights_state
 from .hook_names import HookNameError, act_name
 from .weights import model_weight
 
@@ -186,7 +189,11 @@ class ActivationCache(TLCacheMixin):
     # ------------------------------------------------------------------ files (cache_files)
     def save(self, path, tokens=None) -> None:
         """Write every tensor to a safetensors file, with the hook names (in order), the prompt
-        ``tokens`` (argument or ``metadata["tokens"]``) and the model's config fingerprint as metadata.
+        ``tokens`` (argument or ``metadata["tokens"]``), the model's config fingerprint and its weights
+        fingerprint (``workbench.fingerprint.weights_fingerprint``: sampled slices of every tensor,
+        milliseconds even for a 35B model) as metadata. If the weights were edited in place since the
+        forward that made this cache, no weights fingerprint is written (with a warning), and
+        :meth:`load` with a model then needs ``allow_other_weights=True``.
 
         Example::
 
@@ -194,18 +201,30 @@ class ActivationCache(TLCacheMixin):
             cache.save("clean.safetensors", tokens=ids)
         """
         fingerprint = self.metadata.get("fingerprint")
+        weights = self.metadata.get("weights_fingerprint")
         if getattr(self.model, "cfg", None) is not None:
             fingerprint = self.model.cfg.fingerprint()
+            made_with = self.metadata.get("weights_state")
+            if made_with is not None and made_with != weights_state(self.model):
+                warnings.warn("ActivationCache.save: the model's weights changed since the forward that made this "
+                              "cache; the file records no weights fingerprint", UserWarning, stacklevel=2)
+                weights = None
+            elif made_with is not None or weights is None:
+                weights = _weights_fingerprint(self.model)
         tokens = tokens if tokens is not None else self.metadata.get("tokens")
-        write_cache_file(path, dict(self.cache_dict.items()), fingerprint, self.n_layers, tokens)
+        write_cache_file(path, dict(self.cache_dict.items()), fingerprint, self.n_layers, tokens, weights)
 
     @classmethod
-    def load(cls, path, model=None, device=None, strict: bool = True) -> "ActivationCache":
+    def load(cls, path, model=None, device=None, strict: bool = True,
+             allow_other_weights: bool = False) -> "ActivationCache":
         """Read a cache written by :meth:`save` (bitwise the same tensors, in the same order).
 
-        With ``model``, the saved config fingerprint must equal ``model.cfg.fingerprint()``; otherwise
-        ``CacheMismatchError`` names every differing field (``strict=False`` only allows a file
-        without a fingerprint). ``metadata["tokens"]`` holds the prompt if it was saved.
+        With ``model``, the saved config fingerprint must equal ``model.cfg.fingerprint()``, the saved
+        weights fingerprint must equal ``weights_fingerprint(model)`` and every tensor must fit the
+        model's hook table (rank, dtype, model dimensions); otherwise ``CacheMismatchError`` says what
+        differs. ``strict=False`` only allows a file without fingerprints (a warning for the weights);
+        ``allow_other_weights=True`` loads a cache of other weights (or of unknown ones) with a warning.
+        ``metadata["tokens"]`` holds the prompt if it was saved.
 
         Example::
 
@@ -213,4 +232,17 @@ class ActivationCache(TLCacheMixin):
         """
         expected = model.cfg.fingerprint() if model is not None else None
         tensors, metadata = read_cache_file(path, expected, strict, device)
+        if model is not None:
+            path = metadata["path"]
+            check_weights(path, metadata.get("weights_fingerprint"), _weights_fingerprint(model), allow_other_weights,
+                          strict)
+            check_hook_shapes(path, tensors, model.hook_table())
         return cls(tensors, model, metadata)
+
+
+def _weights_fingerprint(model) -> str:
+    # reading a memory-mapped weight whose file was truncated would kill the process: check first
+    files = getattr(model, "mapped_files", None)
+    if files is not None:
+        files.check()
+    return weights_fingerprint(model)

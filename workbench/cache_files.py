@@ -1,8 +1,10 @@
 """The activation-cache file format: one safetensors file with the hook names (in order), the
-model's config fingerprint, ``n_layers`` and the prompt tokens as metadata.
+model's config fingerprint, its weights fingerprint (``workbench.fingerprint.weights_fingerprint``),
+``n_layers`` and the prompt tokens as metadata.
 
 ``ActivationCache.save``/``ActivationCache.load`` call these; a file is refused (``CacheMismatchError``)
-when it is not a cache file or was saved from a model with another config.
+when it is not a cache file, was saved from a model with another config or other weights, or holds a
+tensor whose shape or dtype does not fit the model's hook table.
 
 Example::
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -29,7 +32,7 @@ class CacheMismatchError(ValueError):
 
 
 def write_cache_file(path, tensors: dict, fingerprint: Optional[dict] = None, n_layers: Optional[int] = None,
-                     tokens=None) -> None:
+                     tokens=None, weights_fingerprint: Optional[str] = None) -> None:
     """Write ``tensors`` (hook name -> tensor, in order) with the metadata that ``read_cache_file`` checks."""
     out, storages = {}, set()
     for name, t in tensors.items():
@@ -47,6 +50,8 @@ def write_cache_file(path, tensors: dict, fingerprint: Optional[dict] = None, n_
         meta["fingerprint"] = json.dumps(fingerprint)
     if n_layers is not None:
         meta["n_layers"] = str(n_layers)
+    if weights_fingerprint is not None:
+        meta["weights_fingerprint"] = weights_fingerprint
     if tokens is not None:
         meta["tokens"] = json.dumps(torch.as_tensor(tokens).tolist())
     save_file(out, os.fspath(path), metadata=meta)
@@ -78,7 +83,7 @@ def read_cache_file(path, expected_fingerprint: Optional[dict] = None, strict: b
         raise CacheMismatchError(f"{path}: cannot read as an ActivationCache file ({e})") from e
     if device is not None:
         tensors = {n: t.to(device) for n, t in tensors.items()}
-    metadata = {"fingerprint": fingerprint, "path": path}
+    metadata = {"fingerprint": fingerprint, "path": path, "weights_fingerprint": meta.get("weights_fingerprint")}
     if "tokens" in meta:
         metadata["tokens"] = torch.tensor(json.loads(meta["tokens"]), dtype=torch.long)
     if "n_layers" in meta:
@@ -99,3 +104,52 @@ def check_fingerprint(path: str, saved: Optional[dict], current: dict, strict: b
     if diffs:
         raise CacheMismatchError(f"{path}: saved from a model with a different config: {'; '.join(diffs)}. "
                                  "Load it with the model it came from, or with model=None to inspect it")
+
+
+def check_weights(path: str, saved: Optional[str], current: str, allow_other_weights: bool,
+                  strict: bool = True) -> None:
+    """Refuse a file saved from other weights (a fine-tune, another seed, another dtype), unless
+    ``allow_other_weights`` (then warn); ``strict=False`` lets a file without a fingerprint pass (warned)."""
+    if saved == current:
+        return
+    if saved is None and not strict:
+        allow_other_weights = True
+    what = ("has no weights fingerprint (saved before caches recorded one, or after the weights were edited)"
+            if saved is None else f"was saved from other weights (fingerprint {saved[:12]}…, this model's "
+            f"{current[:12]}…): a fine-tune, another seed, dtype or quantization of the same architecture")
+    if not allow_other_weights:
+        raise CacheMismatchError(f"{path}: {what}. Its activations would be analysed with this model's weights; "
+                                 "load it with the model it came from, with model=None to inspect it, or pass "
+                                 "allow_other_weights=True if you mean to mix them")
+    warnings.warn(f"{path}: {what}; loaded anyway (allow_other_weights=True)", UserWarning, stacklevel=3)
+
+
+# axes whose size depends on the input (checked for consistency only where it is safe to)
+_INPUT_AXES = ("batch", "pos", "q_pos", "k_pos")
+
+
+def check_hook_shapes(path: str, tensors: dict, rows: list) -> None:
+    """Every tensor must be a hook of the model (``rows``: its hook table) with the table's rank, dtype
+    and model dimensions (d_model, head, d_head, ...); the batch size must agree across tensors."""
+    table = {r["name"]: r for r in rows}
+    batch = None
+    for name, t in tensors.items():
+        base = name[:-len("_grad")] if name.endswith("_grad") else name      # TL's incl_bwd gradients
+        row = table.get(base)
+        if row is None:
+            raise CacheMismatchError(f"{path}: {name!r} is not a hook of this model")
+        axes, want_shape = row["axes"].split(), row["shape"]
+        if t.dim() == len(axes) - 1 and axes[0] == "batch":                   # TL's remove_batch_dim
+            axes, want_shape = axes[1:], want_shape[1:]
+        if t.dim() != len(axes) or t.dtype != row["dtype"]:
+            raise CacheMismatchError(f"{path}: {name!r} is {tuple(t.shape)} {t.dtype}; this model's hook is "
+                                     f"[{row['axes']}] {row['dtype']}")
+        for axis, got, want in zip(axes, t.shape, want_shape):
+            if axis == "batch":
+                batch = got if batch is None else batch
+                if got != batch:
+                    raise CacheMismatchError(f"{path}: {name!r} has batch {got}, other entries {batch}")
+            elif axis not in _INPUT_AXES and got != want:
+                raise CacheMismatchError(f"{path}: {name!r} has {axis}={got}; this model's is {want} "
+                                         f"(shape {tuple(t.shape)}, axes [{row['axes']}])")
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -90,20 +91,44 @@ class CommandRConfig(TLConfigMixin):
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        self.torch_dtype = parse_dtype(self.torch_dtype, "torch_dtype")
+        try:
+            self.torch_dtype = parse_dtype(self.torch_dtype, "torch_dtype")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self._validate_and_derive()
 
     # ------------------------------------------------------------------ validation
     def _validate_and_derive(self) -> None:
+        for name in _BOOL_FIELDS:          # "false" (a string) must never read as True
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false (a JSON boolean), got {getattr(self, name)!r}")
+        for name in _POSITIVE_FLOATS:      # NaN, inf, 0 or negative give silently wrong numbers
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value <= 0):
+                raise ConfigError(f"{name}: expected a finite positive number, got {value!r}")
+        if (not isinstance(self.max_position_embeddings, int) or isinstance(self.max_position_embeddings, bool)
+                or self.max_position_embeddings <= 0):
+            raise ConfigError(f"max_position_embeddings: expected a positive integer, "
+                              f"got {self.max_position_embeddings!r}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type: {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            values = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in values):
+                raise ConfigError(f"{name}: expected a non-negative integer token id, got {value!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{_HF_NAME.get(name, name)}: expected a positive integer, got {value!r}")
-        if self.d_head is not None and (not isinstance(self.d_head, int) or self.d_head <= 0):
+            if value > (_MAX_LAYERS if name == "n_layers" else _MAX_SIZE):   # absurd: refuse before building lists
+                raise ConfigError(f"{_HF_NAME.get(name, name)}: {value} is absurdly large (at most "
+                                  f"{_MAX_LAYERS if name == 'n_layers' else _MAX_SIZE})")
+        if self.d_head is not None and (not isinstance(self.d_head, int) or isinstance(self.d_head, bool)
+                                        or self.d_head <= 0):
             raise ConfigError(f"head_dim: expected a positive integer, got {self.d_head!r}")
         if self.d_head is None:
             if self.d_model % self.n_heads:
@@ -121,10 +146,14 @@ class CommandRConfig(TLConfigMixin):
             raise ConfigError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
         if self.attention_bias:
             raise ConfigError("attention_bias: Command-R models have no attention biases; expected false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling: expected an object or null, got {self.rope_scaling!r}")
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (None, "default"):
             raise ConfigError(
                 f"rope_scaling: only the default rotary embedding is supported, got {self.rope_scaling!r}"
             )
+        if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
+            raise ConfigError(f"layer_types: expected a list, got {type(self.layer_types).__name__}")
         if self.model_type == "cohere":
             if self.layer_types is None:
                 self.layer_types = [FULL] * self.n_layers
@@ -142,15 +171,17 @@ class CommandRConfig(TLConfigMixin):
             if self.sliding_window is None and SLIDING in self.layer_types:
                 raise ConfigError("sliding_window: required when a layer is 'sliding_attention' "
                                   "(transformers would default to 4096; real configs always give it)")
-            if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                    or isinstance(self.sliding_window, bool) or self.sliding_window <= 0):
                 raise ConfigError(f"sliding_window: expected a positive integer, got {self.sliding_window!r}")
         if len(self.layer_types) != self.n_layers:
             raise ConfigError(
                 f"layer_types: has {len(self.layer_types)} entries, expected num_hidden_layers = {self.n_layers}"
             )
-        bad = [t for t in self.layer_types if t not in (FULL, SLIDING)]
+        bad = [t for t in self.layer_types if not isinstance(t, str) or t not in (FULL, SLIDING)]
         if bad:
-            raise ConfigError(f"layer_types: unknown entries {sorted(set(bad))}; expected {FULL!r} or {SLIDING!r}")
+            raise ConfigError(f"layer_types: unknown entries {sorted(set(map(repr, bad)))}; "
+                              f"expected {FULL!r} or {SLIDING!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -182,6 +213,8 @@ class CommandRConfig(TLConfigMixin):
     @classmethod
     def from_dict(cls, d: dict) -> "CommandRConfig":
         """Build from a config.json dict (transformers 4.x or 5.x spelling)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a dict (a JSON object), got {type(d).__name__}")
         d = dict(d)
         model_type = d.get("model_type")
         if model_type is None:
@@ -190,11 +223,13 @@ class CommandRConfig(TLConfigMixin):
             raise ConfigError(
                 f"model_type: {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        d = {k: v for k, v in d.items() if v is not None}   # null means absent, as in transformers
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
-            raise ConfigError(f"config.json is missing required keys: {missing}")
-        d = {k: v for k, v in d.items() if v is not None}   # null means absent, as in transformers
+            raise ConfigError(f"config.json is missing required keys (or has them null): {missing}")
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters: expected an object, got {rope!r}")
         rope_theta = d.get("rope_theta", rope.get("rope_theta"))
         if rope_theta is None:  # transformers 5.x defaults when absent; every released config sets it
             rope_theta = 500000.0 if model_type == "cohere" else 10000.0
@@ -203,10 +238,14 @@ class CommandRConfig(TLConfigMixin):
             rope_scaling = rope
         dtype = d.get("torch_dtype", d.get("dtype"))
         def num(key, default, kind=float):
-            try:
-                return kind(default if key == "rope_theta" else d.get(key, default))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key}: expected a number, got {d.get(key)!r}") from None
+            value = default if key == "rope_theta" else d.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):   # JSON numbers only
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+            if kind is int:
+                if isinstance(value, float) and not value.is_integer():        # also inf and NaN
+                    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+                return int(value)
+            return float(value)
 
         kwargs = dict(
             vocab_size=d["vocab_size"],
@@ -221,11 +260,11 @@ class CommandRConfig(TLConfigMixin):
             rope_scaling=rope_scaling,
             layer_norm_eps=num("layer_norm_eps", 1e-5),
             logit_scale=num("logit_scale", 0.0625),
-            use_qk_norm=bool(d.get("use_qk_norm", False)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            use_qk_norm=d.get("use_qk_norm", False),
+            tie_word_embeddings=d.get("tie_word_embeddings", True),
             max_position_embeddings=num("max_position_embeddings", 8192, int),
             hidden_act=d.get("hidden_act", "silu"),
-            attention_bias=bool(d.get("attention_bias", False)),
+            attention_bias=d.get("attention_bias", False),
             bos_token_id=d.get("bos_token_id", 5),
             eos_token_id=d.get("eos_token_id", 255001),
             pad_token_id=d.get("pad_token_id", 0),
@@ -246,12 +285,20 @@ class CommandRConfig(TLConfigMixin):
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"config.json not found: {file}")
-        with open(file, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        with open(file, "rb") as f:
+            raw = f.read()
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not UTF-8 text ({e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{file}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CommandRConfig":
@@ -310,6 +357,9 @@ class CommandRConfig(TLConfigMixin):
 
 _HF_NAME = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_mlp": "intermediate_size"}
+_MAX_LAYERS, _MAX_SIZE = 1_000_000, 2**31 - 1
+_BOOL_FIELDS = ("use_qk_norm", "tie_word_embeddings", "attention_bias")
+_POSITIVE_FLOATS = ("rope_theta", "layer_norm_eps", "logit_scale")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 _KNOWN_OPTIONAL = {
     "model_type", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters",

@@ -22,6 +22,7 @@ from torch import nn
 
 from .activation_cache import Deferred
 from .hook_names import act_name, block_key, block_name, layer_of
+from .hook_points import records_only
 from .weights import per_head_result
 
 
@@ -39,6 +40,7 @@ class DeferredHeadResult:
 
 
 def _saver(name: str, o_proj: nn.Linear, store: dict, device):
+    @records_only
     def save(z: torch.Tensor, hook) -> None:
         z = z.detach()
         # Taken inside the forward: under accelerate offload this is the weight loaded for the block

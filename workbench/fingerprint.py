@@ -95,3 +95,15 @@ def config_fingerprint(cfg) -> str:
     fields = cfg.fingerprint() if hasattr(cfg, "fingerprint") else dict(cfg)
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(b"workbench.config_fingerprint.v1|" + text.encode()).hexdigest()
+
+
+def weights_state(model: nn.Module) -> tuple:
+    """A token that changes when any parameter is edited in place or replaced: ``(data_ptr, _version)``
+    per parameter (microseconds). ``run_with_cache`` keeps it, so ``ActivationCache.save`` can tell that
+    the weights it fingerprints are still the ones the forward ran with.
+
+    >>> weights_state(model) == weights_state(model)                     # doctest: +SKIP
+    True
+    """
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+

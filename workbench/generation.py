@@ -42,8 +42,9 @@ from .hook_points import StopForward, generation_step
 from .input_warnings import warn_unused_sampling
 from .kv_cache import KVCache
 from .sampling import check_settings, process_logits, process_scores, sample
+from .streaming import TextStreamer
 
-__all__ = ["Prompt", "Settings", "StepCallbacks", "StepInfo", "TextStreamer", "check_input_ids", "decode_loop",
+__all__ = ["GenerationInterrupted", "Prompt", "Settings", "StepCallbacks", "StepInfo", "TextStreamer", "check_input_ids", "decode_loop",
            "decode_step", "finish", "generate", "generate_text", "prefill", "prepare_prompt", "process_logits",
            "resolve_settings", "sample"]
 
@@ -93,6 +94,28 @@ class StepInfo:
     top_probs: torch.Tensor
     activations: dict = field(default_factory=dict)
     finished: Optional[torch.Tensor] = None
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or Jupyter's interrupt) during ``generate``: still a KeyboardInterrupt, so a loop over
+    prompts stops, with the sequences generated so far in ``tokens`` [batch prompt + new].
+
+    By the time it reaches the caller no hook of the call is attached, the KV cache holds exactly
+    the tokens' positions but the last (as after a normal return), and the streamer has ended.
+
+    Example::
+
+        try:
+            out = model.generate(ids, max_new_tokens=500)
+        except GenerationInterrupted as e:
+            out = e.tokens                   # keep the partial result
+            raise                            # ... or stop the loop
+    """
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__(f"generation interrupted after {tokens.shape[1]} tokens (prompt included); "
+                         "the sequences so far are in .tokens")
+        self.tokens = tokens
 
 
 # ---------------------------------------------------------------------- forwards
@@ -169,6 +192,8 @@ def resolve_settings(model, n_prompt: int, max_new_tokens=_UnsetInt(20), eos_tok
         pad = eos[0]
     if eos is not None and pad is None:
         raise ValueError("pad_token_id is required to pad finished sequences (model.cfg.pad_token_id is None)")
+    if pad is not None and not 0 <= pad < model.cfg.vocab_size and any(0 <= e < model.cfg.vocab_size for e in eos or []):
+        raise ValueError(f"pad_token_id={pad} is outside the vocabulary [0, {model.cfg.vocab_size}): finished rows are fed it")
     max_new = _resolve_max_new(get, max_new_tokens, n_prompt)
     if isinstance(max_new, numbers.Integral) and not isinstance(max_new, bool):
         max_new = int(max_new)
@@ -237,6 +262,8 @@ def prepare_prompt(model, input_ids: torch.Tensor, attention_mask, s: Settings,
     elif not 0 <= kv_cache.seen < n_prompt:
         raise ValueError(f"kv_cache holds {kv_cache.seen} positions; input_ids must be longer than that "
                          f"(the full sequence, of which the cache holds a prefix), got {n_prompt} tokens")
+    else:
+        kv_cache.check_prefix(input_ids)         # the cache of another prompt would continue that one
     out = input_ids.new_full((batch, n_prompt + s.max_new_tokens), s.pad if s.pad is not None else 0)
     out[:, :n_prompt] = input_ids
     if mask is not None and not bool(mask.all()):
@@ -303,8 +330,9 @@ class StepCallbacks:
 def decode_loop(model, prompt: Prompt, s: Settings, callbacks: StepCallbacks,
                 generator: Optional[torch.Generator] = None, stop=None) -> int:
     """Prefill, then one token per step until ``max_new_tokens``, every sequence finished or ``stop``;
-    returns how many positions of ``prompt.out`` are filled. KeyboardInterrupt or a hook raising
-    ``StopForward`` ends it cleanly (the KV cache rolls back a half-run forward)."""
+    returns how many positions of ``prompt.out`` are filled. A hook raising ``StopForward`` ends it
+    cleanly; KeyboardInterrupt is re-raised as ``GenerationInterrupted`` carrying the tokens so far.
+    Either way the KV cache rolls back a half-run forward."""
     t, total, step = prompt.n_prompt, prompt.out.shape[1], 0
     if s.max_new_tokens == 0:
         return t
@@ -319,22 +347,30 @@ def decode_loop(model, prompt: Prompt, s: Settings, callbacks: StepCallbacks,
         while True:
             scores = process_scores(logits, out[:, :t], s.do_sample, s.temperature, s.top_k, s.top_p,
                                     s.repetition_penalty, prompt.prompt_start)
+            nan_rows = torch.isnan(logits).any(-1) & unfinished    # hardB (issue 15.5): read with the EOS check
             tokens = sample(scores, s.do_sample, generator)
             if eos is not None:
                 tokens = torch.where(unfinished, tokens, s.pad)
                 unfinished &= ~torch.isin(tokens, eos)
+            any_nan, any_left = torch.stack([nan_rows.any(), unfinished.any()]).tolist()   # one sync per step
+            if any_nan:
+                raise FloatingPointError(f"generate: NaN logits at step {step} in row(s) {nan_rows.nonzero().flatten().tolist()}"
+                                         "; check the weights, the dtype (float16 overflow?) and hooks")
             out[:, t] = tokens
             t += 1
             callbacks.step(step, tokens, out[:, :t], step_positions, scores, unfinished)
-            if t >= total or not bool(unfinished.any()) or _stopped(stop):
+            if t >= total or not any_left or _stopped(stop):
                 return t
             step += 1
             step_positions = prompt.positions[:, -1:] + step
             with generation_step(step):
                 logits = decode_step(model, tokens, kv, None if mask is None else mask[:, :t], step_positions)
-    except (KeyboardInterrupt, StopForward):
+    except StopForward:
         kv.rollback()              # a forward cut short leaves no half-updated layer behind
         return t
+    except KeyboardInterrupt as e:
+        kv.rollback()
+        raise GenerationInterrupted(finish(prompt, t)) from (None if isinstance(e, GenerationInterrupted) else e)
 
 
 def _stopped(stop) -> bool:
@@ -382,10 +418,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _Unset
     ``fwd_hooks`` [(name or predicate, fn)] are attached for the whole generation (this call and
     thread only); inside them ``hook.ctx.step`` is 0 for the prefill and 1, 2, ... for decode steps.
     ``capture`` (a ``names_filter``) with ``on_step`` delivers each step's activations (see
-    ``StepInfo``). ``stop`` (a ``threading.Event`` or a callable returning True), KeyboardInterrupt
-    and a hook raising ``StopForward`` end generation cleanly with the tokens so far; no hook stays
-    attached. ``kv_cache``: a cache already holding the first ``kv_cache.seen`` tokens of ``input_ids``
-    (e.g. a ``clone()`` of a shared prompt prefix); it is extended in place.
+    ``StepInfo``). ``stop`` (a ``threading.Event`` or a callable returning True) and a hook raising
+    ``StopForward`` end generation cleanly with the tokens so far. KeyboardInterrupt (Ctrl-C, Jupyter's
+    interrupt) reaches the caller as ``GenerationInterrupted`` (a KeyboardInterrupt) whose ``tokens``
+    hold the sequences so far; the streamer has had them. In every case no hook stays attached.
+    ``kv_cache``: a cache already holding the first ``kv_cache.seen`` tokens of ``input_ids`` (e.g. a
+    ``clone()`` of a shared prompt prefix; another prompt's cache is refused); it is extended in place.
 
     >>> model.generate(ids, max_new_tokens=5).shape                             # doctest: +SKIP
     torch.Size([1, 12])
@@ -411,62 +449,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = _Unset
 
 
 # ---------------------------------------------------------------------- text in, text out
-class TextStreamer:
-    """Print decoded text as tokens arrive (``generate(..., streamer=TextStreamer(tok))``).
-
-    Holds back a trailing incomplete UTF-8 character (a multi-byte character split across byte
-    tokens decodes to U+FFFD until its last byte arrives), so the printed text is always the
-    decoded text. Batch size 1 only, as transformers' ``TextStreamer``. Override
-    ``on_finalized_text`` to send text elsewhere (a widget).
-
-    >>> model.generate(ids, streamer=TextStreamer(tok), max_new_tokens=20)     # doctest: +SKIP
-    """
-
-    def __init__(self, tokenizer, skip_prompt: bool = True, skip_special_tokens: bool = False, file=None) -> None:
-        self.tokenizer = tokenizer
-        self.skip_prompt = skip_prompt
-        self.skip_special_tokens = skip_special_tokens
-        self.file = file
-        self.token_cache: list[int] = []
-        self.print_len = 0
-        self.next_tokens_are_prompt = True
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def put(self, value) -> None:
-        """Receive the prompt (first call) or a new token; print what became final."""
-        value = torch.as_tensor(value)
-        if value.dim() > 1:
-            if value.shape[0] > 1:
-                raise ValueError(f"TextStreamer supports batch size 1 only, got ids of shape {tuple(value.shape)}")
-            value = value[0]
-        if self.skip_prompt and self.next_tokens_are_prompt:
-            self.next_tokens_are_prompt = False
-            return
-        self.next_tokens_are_prompt = False
-        self.token_cache.extend(value.reshape(-1).tolist())
-        text = self._decode(self.token_cache)
-        stable = text.rstrip("\ufffd")                     # a split multi-byte character is not final yet
-        printable = stable[self.print_len:]
-        self.print_len = max(self.print_len, len(stable))
-        if text.endswith("\n"):                           # a finished line: restart (byte-level decoding
-            self.token_cache, self.print_len = [], 0       # concatenates), keeping decoding cost bounded
-        if printable:
-            self.on_finalized_text(printable)
-
-    def end(self) -> None:
-        """Flush what is left (even an incomplete character) and end the line."""
-        text = self._decode(self.token_cache) if self.token_cache else ""
-        printable = text[self.print_len:]
-        self.token_cache, self.print_len = [], 0
-        self.next_tokens_are_prompt = True
-        self.on_finalized_text(printable, stream_end=True)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        print(text, flush=True, end="\n" if stream_end else "", file=self.file)
-
-
 def generate_text(model, tokenizer, messages_or_prompt: Union[str, Sequence[dict]], chat_template=None,
                   **generate_kwargs) -> str:
     """Apply the chat template, generate, and return the decoded reply (special tokens removed).

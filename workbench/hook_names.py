@@ -99,7 +99,8 @@ _BY_SUFFIX = {**{k.suffix: k for k in MODEL_KINDS}, **{"blocks." + k.suffix: k f
 # TransformerLens' get_act_name spellings -> ours
 KIND_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
                 "mlp_pre": "pre", "mlp_post": "post", "mlp_pre_linear": "pre_linear", "ln": "scale",
-                "ln_scale": "scale", "final_scale": "scale", "unembed": "logits"}
+                "ln_scale": "scale", "final_scale": "scale", "unembed": "logits",
+                "in": "resid_pre", "out": "resid_post"}   # TL bridge blocks' hook_in / hook_out
 MODULE_ALIASES = {"a": "attn", "attn": "attn", "attention": "attn", "m": "mlp", "mlp": "mlp",
                   "b": "", "block": "", "blocks": "", "": "", "ln": "ln1", "ln1": "ln1", "ln_1": "ln1",
                   "ln_final": "ln_final", "lnf": "ln_final", "final": "ln_final"}
@@ -117,6 +118,8 @@ _PACKED_RE = re.compile(r"^([a-z_]*?[a-z])(\d+)(?:_?([a-z][a-z_0-9]*))?$")   # "
 
 
 def _layer_index(layer) -> int:
+    if callable(getattr(layer, "is_floating_point", None)) and layer.ndim == 0 and not layer.is_floating_point():
+        layer = layer.item()                       # a 0-dim integer tensor, e.g. from topk(...).indices // n_heads
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise HookNameError(f"layer: expected an int (or None for model-level hooks), got {layer!r}")
     if layer < 0:

@@ -31,7 +31,9 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .activation_cache import ActivationCache, names_filter_fn
+from .fingerprint import weights_state
 from .hook_names import layer_of, suffix_of
+from .kv_cache import KVCache
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 NameOrPredicate = Union[str, Callable[[str], bool]]
@@ -65,22 +67,39 @@ class LayerIndex(int):
 
 
 class _Scope:
-    """The hooks one call added (and those of the calls it is nested in): HookPoint -> entries."""
+    """The hooks one call added (and those of the calls it is nested in): HookPoint -> entries.
+    ``edits``: a forward hook not marked ``records_only`` may edit tensors, so recorders copy."""
 
-    __slots__ = ("fwd", "bwd")
+    __slots__ = ("fwd", "bwd", "edits")
 
-    def __init__(self, fwd: dict, bwd: dict) -> None:
-        self.fwd, self.bwd = fwd, bwd
+    def __init__(self, fwd: dict, bwd: dict, edits: bool = False) -> None:
+        self.fwd, self.bwd, self.edits = fwd, bwd, edits
 
     def extended(self, fwd: list, bwd: list) -> "_Scope":
         new_fwd, new_bwd = dict(self.fwd), dict(self.bwd)
         for table, pairs in ((new_fwd, fwd), (new_bwd, bwd)):
             for hp, entry in pairs:
                 table[hp] = table.get(hp, ()) + (entry,)
-        return _Scope(new_fwd, new_bwd)
+        edits = self.edits or any(not getattr(entry.fn, "records_only", False) for _, entry in fwd)
+        return _Scope(new_fwd, new_bwd, edits)
 
 
 _EMPTY_SCOPE = _Scope({}, {})
+
+
+def records_only(fn: HookFn) -> HookFn:
+    """Mark a hook that only reads its tensor: recorders (``run_with_cache``) store views while every
+    hook of the call is so marked, and copies once another hook could edit a tensor in place later.
+    Example: ``model.run_with_cache(ids, fwd_hooks=[("hook_embed", records_only(show))])``."""
+    fn.records_only = True
+    return fn
+
+
+def edits_possible(model: nn.Module) -> bool:
+    """True when a hook that may edit tensors is attached model-wide (``add_hook``, torch module hooks)."""
+    return _global_module_hooks() or any(
+        hp._forward_hooks or hp._forward_pre_hooks or any(not getattr(e.fn, "records_only", False) for e in hp._wide_fwd)
+        for hp in getattr(model, "_hook_dict", {}).values())
 # The hooks of the call running in this context (thread / task); None when no call added any.
 _SCOPE: contextvars.ContextVar[Optional[_Scope]] = contextvars.ContextVar("workbench_hook_scope", default=None)
 # The context of the forward running in this context (set by the model's forward).
@@ -332,9 +351,17 @@ class HookedRootModule(nn.Module):
     def __call__(self, *args, **kwargs):
         # A forward sets its own hook context (begin_forward); give the caller's back afterwards,
         # so a forward run from inside a hook does not change the outer forward's context.
+        # Weight files mapped at load are checked first; a forward that raises (a hook's error,
+        # StopForward, KeyboardInterrupt) leaves a KV cache it was extending as before the forward.
+        if self.__dict__.get("mapped_files") is not None:
+            self.__dict__["mapped_files"].check()
         token = _FORWARD.set(_FORWARD.get())
         try:
             return super().__call__(*args, **kwargs)
+        except BaseException:
+            for cache in [a for a in (*args, *kwargs.values()) if isinstance(a, KVCache)]:
+                cache.rollback()
+            raise
         finally:
             _reset(_FORWARD, token, None)
 
@@ -436,10 +463,17 @@ class HookedRootModule(nn.Module):
                 self._resolve(name)
         keep = names_filter_fn(names_filter)
         store = {} if store is None else store
+        wide_edits = edits_possible(self)
 
+        @records_only
         def save(x: torch.Tensor, hook: HookPoint) -> None:
             t = x.detach()
-            store[hook.name] = t.to(device) if device is not None else t
+            t = t.to(device) if device is not None else t
+            # What this hook saw, also when a later hook edits the tensor in place (x.mul_(2)): a
+            # view is stored only while no hook of the call (or model-wide one) can edit tensors.
+            if t.data_ptr() == x.data_ptr() and (wide_edits or getattr(_SCOPE.get(), "edits", False)):
+                t = t.clone()
+            store[hook.name] = t
 
         return store, [(n, save) for n in self._hook_dict if keep(n)]
 
@@ -462,5 +496,5 @@ class HookedRootModule(nn.Module):
         store, cache_hooks = self.cache_hooks(names_filter, device)
         cache_hooks = self._defer(cache_hooks, user_hooks, device, store)
         logits = self.run_with_hooks(input_ids, *args, fwd_hooks=user_hooks + cache_hooks, **kwargs)
-        tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None
-        return logits, ActivationCache(store, self, metadata={"tokens": tokens})
+        tokens = input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else None   # weights_state: for save()
+        return logits, ActivationCache(store, self, metadata={"tokens": tokens, "weights_state": weights_state(self)})

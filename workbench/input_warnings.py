@@ -2,6 +2,8 @@
 
 * ``warn_if_padded``: a batch whose rows start with the pad token, given without an ``attention_mask``
   (pad tokens are then attended to like real tokens and the logits are off).
+* ``warn_past_max_positions``: positions at or beyond ``max_position_embeddings`` (the model was not
+  trained there; rotary embeddings still compute, so nothing else would tell).
 * ``warn_unused_sampling``: ``temperature`` / ``top_p`` / ``top_k`` passed while ``do_sample`` is off
   (generation is greedy, so they do nothing).
 
@@ -35,4 +37,12 @@ def warn_if_padded(input_ids, attention_mask, pad_token_id, stacklevel: int = 4)
         warnings.warn("We strongly recommend passing in an `attention_mask` since your input_ids may be padded: a "
                       f"row starts with the pad token id {pad_token_id}, and without a mask pad tokens are attended to "
                       "like real ones. (String inputs are padded and masked by the model itself.)", UserWarning,
+                      stacklevel=stacklevel)
+
+
+def warn_past_max_positions(last_position: int, max_positions: int, stacklevel: int = 4) -> None:
+    """Warn (once per call site, the text does not vary) when ``last_position >= max_positions``."""
+    if last_position >= max_positions:
+        warnings.warn(f"position_ids reach past max_position_embeddings={max_positions} (config.json): the model was "
+                      "not trained at these positions, so its outputs there may be meaningless", UserWarning,
                       stacklevel=stacklevel)

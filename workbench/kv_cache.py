@@ -32,12 +32,18 @@ class KVCacheError(RuntimeError):
     """A cache used with tensors it cannot hold (other batch/heads/dtype), or left inconsistent."""
 
 
+class KVCachePrefixError(KVCacheError, ValueError):
+    """A prompt that does not start with the tokens the cache holds (bad input: also a ValueError)."""
+
+
 class KVCache:
     """Per-layer key/value buffers ``[batch kv_head k_pos d_head]``.
 
     ``seen`` is the number of positions processed so far (the absolute cache index of the next
     token). ``keys[i]`` / ``values[i]`` are views of what layer i keeps (None before the first
-    forward); ``length(i)`` is their k_pos length.
+    forward); ``length(i)`` is their k_pos length. ``tokens`` [batch seen] are the token ids the
+    cache has seen (the model passes them to ``advance``), so ``generate`` can refuse a prompt that
+    does not start with them; None when some forward did not say.
     """
 
     def __init__(self, n_layers: int, windows: Optional[list] = None, chunk: int = 256) -> None:
@@ -57,6 +63,7 @@ class KVCache:
         self._lo = [0] * n_layers            # kept positions are buffer[:, :, lo:hi]
         self._hi = [0] * n_layers
         self._pending: dict = {}             # layer -> (k, v, lo, hi) before this forward (rollback)
+        self._tokens: Optional[list] = []    # [batch n] id tensors per forward, oldest first; None: unknown
 
     @classmethod
     def for_model(cls, model, chunk: int = 256) -> "KVCache":
@@ -116,10 +123,54 @@ class KVCache:
             self._lo[layer] = max(lo, hi + n - (window - 1))
         return k_all, v_all
 
-    def advance(self, n: int) -> None:
-        """The forward that just ran processed ``n`` new positions."""
+    def advance(self, n: int, tokens: Optional[torch.Tensor] = None) -> None:
+        """The forward that just ran processed ``n`` new positions (``tokens`` [batch n], their ids)."""
+        if self._tokens is not None:
+            if tokens is None or tokens.dim() != 2 or tokens.shape[1] != n:
+                self._tokens = None          # what the cache holds can no longer be checked
+            else:
+                self._tokens.append(tokens.detach().clone())
         self.seen += n
         self._pending.clear()
+
+    @property
+    def tokens(self) -> Optional[torch.Tensor]:
+        """The token ids the cache has seen ``[batch seen]`` (None when a forward did not pass them)."""
+        if self._tokens is None:
+            return None
+        if not self._tokens:
+            return None if self.seen else torch.zeros(0, 0, dtype=torch.long)
+        if len(self._tokens) > 1:
+            self._tokens = [torch.cat([t.to(self._tokens[-1].device) for t in self._tokens], dim=1)]
+        return self._tokens[0]
+
+    def check_prefix(self, input_ids: torch.Tensor) -> None:
+        """Refuse ``input_ids`` [batch pos] that do not start with the ``seen`` tokens the cache holds.
+
+        Example::
+
+            cache.check_prefix(full_ids)     # KVCacheError naming the first differing position
+        """
+        if self.seen == 0:
+            return
+        if input_ids.dim() != 2 or input_ids.shape[1] <= self.seen:
+            raise KVCachePrefixError(f"KVCache holds {self.seen} positions; input_ids must be the full sequence "
+                               f"(longer than that), got shape {tuple(input_ids.shape)}")
+        held = self.tokens
+        if held is None:
+            return                           # filled without ids (update/advance by hand): cannot check
+        if held.shape[0] != input_ids.shape[0]:
+            raise KVCachePrefixError(f"KVCache holds a batch of {held.shape[0]} sequences; input_ids has "
+                               f"{input_ids.shape[0]} (use a cache made for this batch)")
+        prefix = input_ids[:, :self.seen].to(held.device)
+        differ = (prefix != held).any(dim=0).nonzero()
+        if differ.numel():
+            pos = int(differ[0])
+            rows = (prefix[:, pos] != held[:, pos]).nonzero()[:, 0].tolist()
+            raise KVCachePrefixError(
+                f"kv_cache does not hold a prefix of input_ids: position {pos} (rows {rows[:8]}) is token "
+                f"{int(input_ids[rows[0], pos])} in input_ids but the cache saw {int(held[rows[0], pos])}. "
+                "Pass the cache of this prompt's prefix, or none")
 
     def rollback(self) -> None:
         """Undo the updates of a forward that did not reach ``advance`` (interrupted mid-way)."""
@@ -156,6 +207,7 @@ class KVCache:
             raise KVCacheError("KVCache.clone(): a forward is in progress (updated but not advanced)")
         new = KVCache(self.n_layers, self.windows, self.chunk)
         new.seen = self.seen
+        new._tokens = None if self._tokens is None else list(self._tokens)
         new._k = [None if b is None else b.clone() for b in self._k]
         new._v = [None if b is None else b.clone() for b in self._v]
         new._lo, new._hi = list(self._lo), list(self._hi)

@@ -30,12 +30,15 @@ from torch import nn
 
 from . import offload as off
 from .bundled import BUNDLED_MODELS, resolve_model_path as resolve_bundled
+from .checkpoint_shapes import check_sizes
 from .config import CommandRConfig, parse_dtype
+from .device_map_checks import disjoint_device_map
+from .mapped_files import CheckpointChangedError, MappedFiles
 from .quantization import QuantizationConfig, replace_linear_layers
 from .safetensors_files import CheckpointError, TensorEntry, cast_tensor, read_header, read_tensor, same_values
 from .weights import torch_device
 
-__all__ = ["NAME_MAP", "CheckpointError", "TensorEntry", "hf_to_ours", "ours_to_hf", "init_random", "read_tensor",
+__all__ = ["NAME_MAP", "CheckpointChangedError", "CheckpointError", "TensorEntry", "hf_to_ours", "ours_to_hf", "init_random", "read_tensor",
            "find_weight_files", "scan_checkpoint", "plan_sources", "resolve_dtype", "resolve_model_path",
            "read_generation_config", "load_pretrained", "parse_size"]
 
@@ -116,8 +119,12 @@ def find_weight_files(path: str) -> tuple[list[str], Optional[dict]]:
         try:
             with open(index_file, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: expected JSON with a 'weight_map' object ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                       and os.path.basename(v) == v for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_file}: weight_map must map tensor names to shard file names in this "
+                                  f"folder, got {type(weight_map).__name__} {str(weight_map)[:200]}")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
@@ -248,8 +255,8 @@ def read_generation_config(path: str) -> dict:
     try:
         with open(file, encoding="utf-8") as f:
             d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -280,9 +287,11 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
 
 
-def _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path) -> None:
-    """Put every weight where ``device_map`` says: mmap (same dtype, CPU), cast (thread pool),
-    quantized, or recorded for disk offload. Tied weights on one device share one Parameter."""
+def _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path,
+                   mmap: bool = True) -> set:
+    """Put every weight where ``device_map`` says: mmap (same dtype, CPU, ``mmap=True``), copy or cast
+    (thread pool), quantized, or recorded for disk offload. Tied weights on one device share one
+    Parameter. Returns the files whose memory maps the model keeps."""
     from tqdm.auto import tqdm   # optional display dependency, loaded only when loading
 
     bar = tqdm(total=len(expected), desc=f"Loading {os.path.basename(os.path.normpath(path))}",
@@ -310,10 +319,12 @@ def _place_tensors(model, expected, sources, device_map, target, quant, offload,
             if quant is not None and quant.should_quantize(name):
                 module = model.get_submodule(name.rpartition(".")[0])
                 _set_tensor(model, name, quant.quantize(read_tensor(entry, target), dev, module))
-            elif entry.dtype == target and device.type == "cpu":
+            elif mmap and entry.dtype == target and device.type == "cpu":
                 if entry.file not in handles:
                     handles[entry.file] = safe_open(entry.file, framework="pt")
                 _set_tensor(model, name, handles[entry.file].get_tensor(entry.name))  # mmap, no copy
+            elif entry.dtype == target and device.type == "cpu":     # mmap=False: a copy in memory
+                casts.append((name, pool.submit(read_tensor, entry, target, device)))
             else:
                 casts.append((name, pool.submit(cast_tensor, entry, target, device)))
                 continue
@@ -327,11 +338,14 @@ def _place_tensors(model, expected, sources, device_map, target, quant, offload,
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        handles.clear()
+    mapped = set(handles)
+    handles.clear()
+    return mapped
 
 
 def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device_map=None, max_memory=None,
-                    offload_folder=None, offload_buffers=False, quantization_config=None, progress=True):
+                    offload_folder=None, offload_buffers=False, quantization_config=None, progress=True,
+                    mmap: bool = True):
     """Load a Hugging Face checkpoint folder (or a bundled model name) into ``cls`` (HookedCommandR).
 
     ``torch_dtype``/``dtype``: None -> float32, ``"auto"`` -> config.json's, or explicit. ``device``: one
@@ -339,6 +353,13 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
     with ``max_memory`` ({0: "20GiB", "cpu": "60GiB"}) and ``offload_folder`` for "disk" entries (without
     it, disk-offloaded weights are read from the checkpoint's own shards). ``quantization_config``: a
     ``workbench.QuantizationConfig``, a dict or transformers' ``BitsAndBytesConfig``.
+
+    ``mmap``: True (default) takes CPU weights already in the target dtype straight from the files'
+    memory maps (no copy, no extra memory); the files must then stay as they are while the model
+    lives. Every forward first checks their size/mtime/inode (and those of disk-offloaded weights;
+    ``workbench.mapped_files``) and raises ``CheckpointChangedError`` if one changed, instead of
+    crashing on a truncated map (SIGBUS) or computing with rewritten weights; reading weights outside
+    a forward (``model.W_Q``) is not checked. ``mmap=False`` copies them into memory instead.
 
     Example::
 
@@ -350,6 +371,7 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
         raise ValueError("pass either device or device_map, not both")
     generation_config = read_generation_config(path)
     entries = scan_checkpoint(path)
+    check_sizes(cfg, entries, path)      # config sizes vs the tensor headers, before building anything
     embed = entries.get("model.embed_tokens.weight")
     target = resolve_dtype(cfg, torch_dtype, dtype, getattr(embed, "dtype", None))
     with torch.device("meta"), _skip_init():
@@ -364,19 +386,23 @@ def load_pretrained(cls, path, torch_dtype=None, dtype=None, device=None, device
         replace_linear_layers(model, quant, target)
     else:
         quant = None
+    device_map = disjoint_device_map(device_map, model)  # overlapping keys would fail inside accelerate
     device_map = off.resolve_device_map(model, device_map, max_memory, target, device)
     if quant is not None and "disk" in device_map.values():
         raise ValueError("device_map: a quantized model cannot be offloaded to disk; give it more max_memory")
     offload = off.Offloader(path, offload_folder, target) if "disk" in device_map.values() else None
 
-    _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path)
+    mapped = _place_tensors(model, expected, sources, device_map, target, quant, offload, progress, path, mmap)
+    by_path = set()
     if offload is not None:
         offload.finish()
+        by_path = {info["safetensors_file"] for info in offload.index.values()}
     if cfg.tie_word_embeddings and model.unembed.weight.device == model.embed.weight.device:
         model.unembed.weight = model.embed.weight
     off.dispatch(model, device_map, offload, offload_buffers)
     model.generation_config = generation_config
     model.name_or_path = path
+    model.mapped_files = MappedFiles(mapped, by_path) if mapped or by_path else None   # checked before every forward
     model.cfg.device, model.cfg.dtype = model.device, target     # tlsurface: TL's cfg.device / cfg.dtype
     return model.eval()
 

@@ -39,6 +39,7 @@ from .config import CommandRConfig
 from .deferred_results import DEFERRED_HOOKS
 from .hook_points import HookedRootModule, HookPoint, begin_forward
 from .hook_table import hook_table as build_hook_table
+from .input_warnings import warn_past_max_positions
 from .loading import init_random, load_pretrained
 from .norms import layer_norm_fp32
 from .offload import execution_device
@@ -405,7 +406,7 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
         if call.stop_at_layer is not None:
             return x                                        # the residual entering block stop_at_layer
         if kv_cache is not None:
-            kv_cache.advance(n_new)
+            kv_cache.advance(n_new, input_ids)      # hardA: the ids, so generate can check a prefix
         x = self.ln_final(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -419,9 +420,6 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected an integer tensor of shape [batch, pos], got {got}")
         batch, n_new = input_ids.shape
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"input_ids: ids must be in [0, vocab_size={self.cfg.vocab_size}), got "
-                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, past_len + n_new):
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
@@ -432,6 +430,16 @@ class HookedCommandR(TLModelMixin, SAEHostMixin, HookedRootModule):
                     or position_ids.shape[1] != n_new or position_ids.shape[0] not in (1, batch)):
                 got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
                 raise ValueError(f"position_ids: expected a tensor of shape [batch or 1, pos] = [{batch} or 1, {n_new}], got {got}")
+        # hardB (issue 15.5): id range and last position read back together, in one device sync
+        stats = [input_ids.min(), input_ids.max()] if input_ids.numel() else []
+        if stats and position_ids is not None:
+            stats.append(position_ids.max().to(input_ids.device, input_ids.dtype))
+        values = torch.stack(stats).tolist() if stats else []
+        if values and (values[0] < 0 or values[1] >= self.cfg.vocab_size):
+            raise ValueError(f"input_ids: ids must be in [0, vocab_size={self.cfg.vocab_size}), got "
+                             f"min {values[0]}, max {values[1]}")
+        last = values[2] if len(values) == 3 else past_len + n_new - 1
+        warn_past_max_positions(last, self.cfg.max_position_embeddings)
 
     # ------------------------------------------------------------------ helpers
     @property

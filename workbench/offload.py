@@ -7,7 +7,9 @@ output). An offloaded block is loaded *whole* at the start of its forward
 
 Disk offload never needs the whole model in memory: "disk" weights are either referenced in the
 checkpoint's own safetensors shards (no copy; cast on the fly if the dtype differs) or, when an
-``offload_folder`` is given, written there once in the target dtype, one tensor at a time.
+``offload_folder`` is given, written once in the target dtype, one tensor at a time, to a subfolder
+named after the checkpoint and dtype (``checkpoint_key``): models of other weights sharing a folder
+never overwrite each other's files.
 
 Example::
 
@@ -19,18 +21,21 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import uuid
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import dtype_name
-from .safetensors_files import read_tensor, save_aligned
+from .safetensors_files import read_header, read_tensor, save_aligned
 from .weights import Device, accelerate_hooks, torch_device
 
-__all__ = ["NO_SPLIT", "STRATEGIES", "Offloader", "device_for", "dispatch", "execution_device", "resolve_device_map",
+__all__ = ["NO_SPLIT", "STRATEGIES", "Offloader", "checkpoint_key", "device_for", "dispatch", "execution_device", "resolve_device_map",
            "save_aligned", "torch_device"]
 
 NO_SPLIT = ["Block"]
@@ -103,14 +108,23 @@ def device_for(device_map: dict, name: str) -> Optional[Device]:
 
 
 class Offloader:
-    """Collects the offload index of "disk" weights (accelerate's ``offload_index`` format)."""
+    """Collects the offload index of "disk" weights (accelerate's ``offload_index`` format).
+
+    With an ``offload_folder``, the weights go to a subfolder named after what they are: the
+    checkpoint's resolved path, each of its weight files' size and mtime, and the target dtype
+    (``checkpoint_key``). Loading other weights into the same folder therefore never rewrites files
+    that a model loaded earlier still reads at every forward (accelerate reopens them by path), and
+    loading the same checkpoint again reuses the files already there. A file is written under a
+    temporary name and renamed into place, so a reader never sees half of one.
+    """
 
     def __init__(self, checkpoint: str, folder: Optional[str], dtype: torch.dtype) -> None:
-        self.checkpoint, self.folder, self.dtype = checkpoint, folder, dtype
+        self.checkpoint, self.dtype = checkpoint, dtype
+        self.folder = None if folder is None else os.path.join(os.path.abspath(folder), checkpoint_key(checkpoint, dtype))
         self.index: dict[str, dict] = {}
         self._written: dict[tuple, str] = {}
-        if folder is not None:
-            os.makedirs(folder, exist_ok=True)
+        if self.folder is not None:
+            os.makedirs(self.folder, exist_ok=True)
 
     def add(self, name: str, entry) -> None:
         """Record where ``name`` (our parameter name) is read from during the forward."""
@@ -122,16 +136,52 @@ class Offloader:
             return
         key = (entry.file, entry.name)
         if key not in self._written:                  # a tied embedding is written once
-            file = os.path.join(os.path.abspath(self.folder), f"{name}.safetensors")
-            save_aligned(name, read_tensor(entry, self.dtype), file)
+            file = os.path.join(self.folder, f"{name}.safetensors")
+            if not _holds(file, name, entry.shape, self.dtype):      # else written by an earlier load
+                tmp = f"{file}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    save_aligned(name, read_tensor(entry, self.dtype), tmp)
+                    os.replace(tmp, file)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
             self._written[key] = (file, name)
         file, weight_name = self._written[key]
         self.index[name] = {"safetensors_file": file, "weight_name": weight_name}
 
     def finish(self) -> None:
         if self.folder is not None:
-            with open(os.path.join(self.folder, "index.json"), "w", encoding="utf-8") as f:
+            tmp = os.path.join(self.folder, f"index.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self.index, f, indent=2)
+            os.replace(tmp, os.path.join(self.folder, "index.json"))
+
+
+def checkpoint_key(checkpoint: str, dtype: torch.dtype) -> str:
+    """A name for the offloaded copy of ``checkpoint`` in ``dtype``: the folder name, then 16 hex digits
+    of a hash of its resolved path, its weight files' names, sizes and mtimes, and the dtype."""
+    root = os.path.realpath(checkpoint)
+    files = sorted(f for f in os.listdir(root) if f.endswith(".safetensors")) if os.path.isdir(root) else []
+    parts = [root, dtype_name(dtype)]
+    for f in files:
+        st = os.stat(os.path.join(root, f))
+        parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(root))[:40] or "checkpoint"
+    return f"{base}-{dtype_name(dtype)}-{digest}"
+
+
+def _holds(file: str, name: str, shape, dtype: torch.dtype) -> bool:
+    """True when ``file`` is a complete offload file of tensor ``name`` with this shape and dtype."""
+    if not os.path.isfile(file):
+        return False
+    try:
+        entries = read_header(file)
+    except Exception:  # noqa: BLE001 - unreadable: write it again
+        return False
+    entry = entries.get(name)
+    return (entry is not None and tuple(entry.shape) == tuple(shape) and entry.dtype == dtype
+            and os.path.getsize(file) >= entry.start + entry.nbytes)
 
 
 def dispatch(model: nn.Module, device_map: dict, offloader: Optional[Offloader], offload_buffers: bool = False):

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 
@@ -42,31 +43,124 @@ class TensorEntry:
     nbytes: int
 
 
+_ALL_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100_000_000     # safetensors' own limit
+
+
 def read_header(file: str) -> dict[str, TensorEntry]:
-    """Validate a shard with safetensors itself, then read its header for byte offsets.
+    """Read and validate a shard's header (no tensor data is read), then confirm it with safetensors.
+
+    Every inconsistency is a ``CheckpointError`` naming the file (and tensor): a header length past the
+    end of the file, a header that is not a UTF-8 JSON object, unknown dtypes, shapes that disagree
+    with the byte ranges, byte ranges that overlap, leave gaps or run past the end (truncation). A file
+    that cannot be opened (permissions, a folder) is reported as such, not as corrupt.
 
     Example::
 
         read_header("model.safetensors")["model.norm.weight"].shape     # (d_model,)
     """
     try:
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            (n,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (None,)
+            raw = fh.read(n) if n is not None and n <= min(size - 8, MAX_HEADER_BYTES) else None
+    except PermissionError as e:
+        raise CheckpointError(f"{file}: cannot be read: permission denied ({e.strerror}); the file itself may be "
+                              "fine - check its permissions or owner") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e}); not a readable file") from None
+    if n is None:
+        raise CheckpointError(f"{file}: not a readable safetensors file: only {size} bytes, too short for a safetensors header; "
+                              "it may be truncated or corrupt - download it again")
+    if raw is None:
+        raise CheckpointError(f"{file}: not a readable safetensors file: header length {n} does not fit in the file ({size} bytes) or exceeds "
+                              f"{MAX_HEADER_BYTES} bytes; it may be truncated or corrupt - download it again")
+    header = _parse_header(file, raw)
+    entries = _entries(file, header, 8 + n, size)
+    try:
         with safe_open(file, framework="pt") as f:
             names = set(f.keys())
-    except Exception as e:  # SafetensorError: truncated, corrupt, not safetensors
+    except Exception as e:  # SafetensorError: anything the checks above missed
         raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
                               "it may be truncated or corrupt - download it again") from None
-    with open(file, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    entries = {}
-    for name in names:
-        info = header[name]
-        if info["dtype"] not in FLOAT_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has dtype {info['dtype']}; "
+    if names != set(entries):
+        raise CheckpointError(f"{file}: safetensors lists other tensors than the header ({sorted(names ^ set(entries))})")
+    for name, entry in entries.items():
+        if entry.dtype is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry.shape_dtype}; "
                                   f"expected a float tensor ({', '.join(FLOAT_DTYPES)})")
-        b, e = info["data_offsets"]
-        entries[name] = TensorEntry(file, name, FLOAT_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, e - b)
-    return entries
+    return {name: TensorEntry(e.file, e.name, e.dtype, e.shape, e.start, e.nbytes) for name, e in entries.items()}
+
+
+def _parse_header(file: str, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file: header is not UTF-8 ({e}); "
+                              "it may be truncated or corrupt - download it again") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file: header is not valid JSON ({e}); "
+                              "it may be truncated or corrupt - download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: header is a JSON {type(header).__name__}, expected an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{file}: header field '__metadata__' must map strings to strings, got {meta!r:.200}")
+    return header
+
+
+@dataclass
+class _Checked:
+    file: str
+    name: str
+    dtype: object
+    shape: tuple
+    start: int
+    nbytes: int
+    shape_dtype: str
+
+
+def _entries(file: str, header: dict, data_start: int, size: int) -> dict:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    out, spans = {}, []
+    for name, info in header.items():
+        where = f"{file}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise CheckpointError(f"{where}: header entry must have dtype, shape and data_offsets, got {info!r:.200}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ALL_DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r:.50} (expected one of {', '.join(_ALL_DTYPES)})")
+        if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.200}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                                  f"got {offsets!r:.200}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * _ALL_DTYPES[dtype] != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {numel * _ALL_DTYPES[dtype]} bytes but "
+                                  f"data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+        out[name] = _Checked(file, name, FLOAT_DTYPES.get(dtype), tuple(shape), data_start + offsets[0],
+                             offsets[1] - offsets[0], dtype)
+    end = 0
+    for b, e, name in sorted(spans):    # the data must be tiled exactly: no overlap (aliased weights), no gap
+        if b != end:
+            what = "overlaps the previous tensor's bytes" if b < end else f"leaves a gap of {b - end} bytes"
+            raise CheckpointError(f"{file}: tensor {name!r} data_offsets start at {b}, which {what} (expected {end}); "
+                                  "the header is inconsistent")
+        end = e
+    if data_start + end != size:
+        state = "truncated" if data_start + end > size else "longer than its header says"
+        raise CheckpointError(f"{file}: the header describes {data_start + end} bytes but the file has {size}: "
+                              f"{state}; it may be truncated or corrupt - download it again")
+    return out
 
 
 def read_tensor(entry: TensorEntry, dtype=None, device="cpu") -> torch.Tensor:

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -43,9 +44,11 @@ from .hook_points import HookPoint
 from .input_warnings import warn_if_padded
 from .tl_factored import FactoredMatrix
 from .hook_names import get_act_name
+from .tl_processing import TLProcessingMixin
 from .tl_tokens import TLTokensMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+BRIDGE_BLOCK_ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(in|out)$")
 
 
 class TLAttentionMixin:
@@ -163,7 +166,7 @@ class ForwardCall:
     stop_at_layer: Optional[int] = None
 
 
-class TLModelMixin(TLTokensMixin):
+class TLModelMixin(TLTokensMixin, TLProcessingMixin):
     """TransformerLens' HookedTransformer API on HookedCommandR (see the module docstring)."""
 
     def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
@@ -308,6 +311,17 @@ class TLModelMixin(TLTokensMixin):
             hp.add_hook(hook, dir=dir)
             if is_permanent:
                 self.__dict__.setdefault("_tl_permanent", []).append((hp, hook, dir))
+
+    def resolve_hooks(self, name) -> list:
+        """As ``HookedRootModule.resolve_hooks``; also TL bridge's block aliases ``blocks.{l}.hook_in``
+        (= ``hook_resid_pre``) and ``blocks.{l}.hook_out`` (= ``hook_resid_post``)."""
+        if isinstance(name, str) and name not in self.hook_dict:
+            bridge = BRIDGE_BLOCK_ALIAS.match(name)
+            if bridge:
+                name = get_act_name("resid_pre" if bridge.group(2) == "in" else "resid_post", int(bridge.group(1)))
+        return super().resolve_hooks(name)
+
+    _resolve = resolve_hooks
 
     def _resolve_name(self, name: str) -> list:
         """A full hook name, or a TL short name (``"resid_pre3"``) resolved with ``get_act_name``."""

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as _Backend
 from .bundled import resolve_model_path
 from .chat_templates import (ChatTemplateError, UnsafeTemplateError, normalize_messages, plain_template_data,
                              render_template)
+from .control_tokens import mark_control_text, split_marked
 from .token_pieces import TokenPiece, readable, utf8_segments
 
 __all__ = ["BatchEncoding", "ChatTemplateError", "TokenPiece", "Tokenizer", "UnsafeTemplateError"]
@@ -281,21 +282,39 @@ class Tokenizer:
         return BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), longest),
                              attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), longest))
 
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Any, skip_special_tokens: bool = False, errors: str = "strict") -> str:
         """Text of a list / 1-D tensor of ids. Spaces are never cleaned up; incomplete UTF-8 decodes to U+FFFD.
 
         ``skip_special_tokens`` drops the added tokens flagged special (tokenizer.json's flags, overridden by
-        tokenizer_config.json's ``added_tokens_decoder``), exactly as transformers does.
+        tokenizer_config.json's ``added_tokens_decoder``), exactly as transformers does. Ids outside the
+        vocabulary (e.g. the untrained embedding rows 255029..255999 of Command-R) raise with ``errors="strict"``;
+        ``errors="replace"`` writes U+FFFD for each, ``errors="ignore"`` drops them (what ``tokenizers`` does).
+
+        >>> tok.decode([28339, 255500], errors="replace")                       # doctest: +SKIP
+        'Hello\ufffd'
         """
+        if errors not in ("strict", "replace", "ignore"):
+            raise ValueError(f"errors must be 'strict', 'replace' or 'ignore', got {errors!r}")
         id_list = _id_list(ids)
+        size = len(self)
+        outside = [i for i in id_list if not 0 <= i < size]
+        if outside and errors == "strict":
+            raise ValueError(f"decode: token id(s) {sorted(set(outside))[:10]} are outside the tokenizer's vocabulary "
+                             f"[0, {size}); pass errors='replace' or errors='ignore' to decode anyway")
+        if outside and errors == "replace":
+            parts = [[]]
+            for i in id_list:
+                parts.append([]) if not 0 <= i < size else parts[-1].append(i)
+            return "\ufffd".join(self.decode(p, skip_special_tokens) for p in parts)
+        id_list = [i for i in id_list if 0 <= i < size]
         if skip_special_tokens:
             id_list = [i for i in id_list if i not in self._skip_ids]
         return self._tk.decode(id_list, skip_special_tokens=False)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, errors: str = "strict") -> list[str]:
         """``decode`` for each row of a list of lists or a 2-D tensor."""
         rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
+        return [self.decode(row, skip_special_tokens=skip_special_tokens, errors=errors) for row in rows]
 
     def token_pieces(self, ids: Any) -> list[TokenPiece]:
         """Per-token bytes, readable text and character spans, for widgets.
@@ -369,7 +388,7 @@ class Tokenizer:
                             documents: Sequence[dict] | None = None, chat_template: str | None = None,
                             add_generation_prompt: bool = False, tokenize: bool = True,
                             return_tensors: str | None = None, return_dict: bool = False, padding: bool = True,
-                            **template_kwargs: Any) -> Any:
+                            escape_special_tokens: bool = False, **template_kwargs: Any) -> Any:
         """Render a conversation (or a list of conversations) with a chat template, optionally tokenized.
 
         ``chat_template`` is a name ("default", "tool_use", "rag") or a Jinja string; extra keyword arguments
@@ -377,6 +396,11 @@ class Tokenizer:
         because the template writes ``<BOS_TOKEN>`` itself. Returns the string (``tokenize=False``), ids
         (``list[int]``, or a ``[1, n]`` LongTensor with ``return_tensors="pt"``) or, with ``return_dict``, a
         ``BatchEncoding`` with ``input_ids`` and ``attention_mask``.
+
+        ``escape_special_tokens=True`` treats message fields (all but ``role``), tools and documents as untrusted:
+        control-token text in them (``<|END_OF_TURN_TOKEN|>`` ...) is tokenized as plain text instead of becoming
+        the control token (the default, as transformers, lets it through). Every other id is unchanged. Needs
+        ``tokenize=True`` (a string cannot carry the difference).
 
         >>> tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
         ...                         add_generation_prompt=True, tokenize=False)  # doctest: +SKIP
@@ -391,15 +415,37 @@ class Tokenizer:
                             "convert Python functions with transformers.utils.get_json_schema first")
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise TypeError("documents must be a list of dicts, e.g. {'title': ..., 'text': ...}")
+        if escape_special_tokens and not tokenize:
+            raise ValueError("escape_special_tokens=True needs tokenize=True: the rendered string cannot show which "
+                             "control-token text is plain")
+        specials = list(self._added.values()) if escape_special_tokens else []
+        mark = lambda v, skip=(): mark_control_text(v, specials, skip)  # noqa: E731 - identity when not escaping
         shared = plain_template_data({**self.special_tokens_map, **template_kwargs})  # kwargs win over special tokens
-        shared.update(tools=plain_template_data(tools), documents=plain_template_data(documents), add_generation_prompt=add_generation_prompt)
-        rendered = [render_template(source, {**shared, "messages": normalize_messages(conversation)})
+        shared.update(tools=mark(plain_template_data(tools)), documents=mark(plain_template_data(documents)),
+                      add_generation_prompt=add_generation_prompt)
+        rendered = [render_template(source, {**shared, "messages": mark(normalize_messages(conversation), ("role",))})
                     for conversation in (messages if batched else [messages])]
         if not tokenize:
             return rendered if batched else rendered[0]
-        ids = [e.ids for e in self._tk.encode_batch(rendered, add_special_tokens=False)]
+        ids = ([self._encode_marked(text, specials) for text in rendered] if specials else
+               [e.ids for e in self._tk.encode_batch(rendered, add_special_tokens=False)])
         out = self._batch(ids, not batched, padding, return_tensors)
         return out if return_dict else out["input_ids"]
+
+    def _encode_marked(self, text: str, specials: list[str]) -> list[int]:
+        """Ids of a rendered prompt whose markers stand for control-token text: that text is encoded piece by
+        piece (the pre-tokenizer's pieces, so no piece is an added token), the rest as usual."""
+        ids: list[int] = []
+        for plain, special in split_marked(text, specials):
+            if special is None:
+                ids += self._tk.encode(plain, add_special_tokens=False).ids
+                continue
+            cuts = [o for _, o in self._tk.pre_tokenizer.pre_tokenize_str(special)] if self._tk.pre_tokenizer else []
+            part = [i for a, b in cuts for i in self._tk.encode(special[a:b], add_special_tokens=False).ids]
+            if not cuts or any(i in self._added for i in part):        # fall back to one character at a time
+                part = [i for ch in special for i in self._tk.encode(ch, add_special_tokens=False).ids]
+            ids += part
+        return ids
 
     def apply_tool_use_template(self, messages: Sequence[Any], tools: Sequence[dict], **kwargs: Any) -> Any:
         """Command-R tool-use prompt (transformers' ``CohereTokenizer.apply_tool_use_template``)."""

@@ -62,8 +62,9 @@ for preset in ("command-r-v01", "command-r-08-2024", "command-r-plus", "command-
 #   GPUs, `"sequential"` fills them in order. A dict `{"embed": 0, "blocks.0": 0, …, "blocks.63": "cpu",
 #   "ln_final": "cpu", "unembed": "cpu"}` places modules by hand.
 # * Blocks on `"cpu"` are kept in CPU memory and moved to the GPU for their forward; blocks on `"disk"` are read
-#   from disk each forward — from `offload_folder` if given (written once, in the target dtype), otherwise
-#   straight from the checkpoint's own safetensors shards. Slow, but it runs.
+#   from disk each forward — from `offload_folder` if given (written once, in the target dtype, to a subfolder
+#   per checkpoint and dtype, so models of other weights sharing the folder never overwrite each other's files),
+#   otherwise straight from the checkpoint's own safetensors shards. Slow, but it runs.
 # * `torch_dtype="auto"` keeps the checkpoint's bfloat16/float16; `quantization_config=QuantizationConfig(
 #   load_in_4bit=True)` quantizes the blocks' linear layers while loading (4-bit cannot go to disk).
 #
@@ -132,7 +133,8 @@ if torch.cuda.is_available():
 offloaded = HookedCommandR.from_pretrained(MODEL, torch_dtype=torch.float32, device_map="auto", max_memory=budget,
                                            offload_folder=offload_dir)
 print("device map:", {k: v for k, v in offloaded.hf_device_map.items() if not k.startswith("hook")})
-print("files in the offload folder:", len(os.listdir(offload_dir)))
+[sub] = os.listdir(offload_dir)                 # one subfolder per checkpoint and dtype
+print("files in the offload folder:", sub, len(os.listdir(os.path.join(offload_dir, sub))))
 
 # %%
 with torch.no_grad():

@@ -103,7 +103,7 @@ except ValueError as e:
 # `iter_batches` yields shuffled rows (one per stored token) with their `tokens`, `prompt` and `position`.
 
 # %%
-digit_ids = torch.tensor([i for i in range(cfg.vocab_size) if tok.decode([i]).strip().isdigit()])
+digit_ids = torch.tensor([i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()])
 prompt_tokens = [ds.tokens(i) for i in range(len(ds))]
 
 

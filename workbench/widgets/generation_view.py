@@ -15,7 +15,8 @@ reach a running loop. The Stop button's messages are also inspected on the kerne
 ``stop_event`` at once, and ``generate`` ends after the current step. With a kernel that has no such thread the
 button is disabled during ``run()`` and says why (interrupt ■ then ends the run cleanly). ``run_async()``
 generates on a background thread; there the button always works. The final status says what happened:
-``done``, ``stopped`` (Stop / ``stop()``) or ``interrupted`` (KeyboardInterrupt). No hook stays attached.
+``done``, ``stopped`` (Stop / ``stop()``) or ``interrupted`` (KeyboardInterrupt; ``run()`` then re-raises it,
+so a loop of runs stops, with the tokens so far in ``view.result``). No hook stays attached.
 """
 
 from __future__ import annotations
@@ -172,6 +173,12 @@ class GenerationView(W.VBox):
         try:
             out = self.model.generate(ids, max_new_tokens=self.max_new_tokens, capture=self._capture,
                                       on_step=self.on_step, stop=self.stop_event, **self.generate_kwargs)
+        except KeyboardInterrupt as e:   # hardA: generate re-raises it (GenerationInterrupted, with .tokens)
+            self.result, self.outcome = getattr(e, "tokens", None), "interrupted"
+            n_new = 0 if self.result is None else self.result.shape[1] - len(self.prompt_ids)
+            self._set_status(f"interrupted: {n_new} new tokens")
+            self.flush()
+            raise                        # the interrupt reaches the caller (a loop of runs stops)
         except BaseException as e:  # noqa: BLE001 - shown in the view, then re-raised
             self.error, self.outcome = e, "error"
             self._set_status(f"error: {type(e).__name__}: {e}")
@@ -192,8 +199,8 @@ class GenerationView(W.VBox):
 
     @staticmethod
     def _watch_interrupts(flag: threading.Event):
-        """Note a SIGINT (the kernel's interrupt) before the usual KeyboardInterrupt, which ``generate`` turns
-        into a clean early end: so the status can say "interrupted". Returns the previous handler."""
+        """Note a SIGINT (the kernel's interrupt) before the usual KeyboardInterrupt, which ``generate``
+        re-raises with the tokens so far: so the status can say "interrupted". Returns the previous handler."""
         previous = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
