@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import alias_fixture
 from workbench import HookedCommandR
 from workbench.hook_names import get_act_name
 
@@ -23,17 +24,8 @@ PROMPTS = ["When David and Emma went to the shops, Emma gave the bag to",
            "When David and Emma went to the shops, David gave the bag to"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def plain():
-    return HookedCommandR.from_pretrained("command-r-tiny", dtype=torch.float32, progress=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
+plain = alias_fixture("bundled_model")
 
 
 @pytest.fixture(scope="module")
