@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["disjoint_device_map"]
+__all__ = ["check_module_names", "disjoint_device_map"]
+
+
+def check_module_names(device_map: dict, modules: dict) -> None:
+    """Refuse ``device_map`` keys that name no module of the model (``modules``: ``dict(named_modules())``)."""
+    unknown = [k for k in device_map if k not in modules]
+    if unknown:
+        raise ValueError(f"device_map: unknown module name(s) {unknown}; use names like 'embed', 'blocks.0', "
+                         "'blocks.0.attn', 'ln_final', 'unembed' (or '' for the whole model)")
 
 
 def disjoint_device_map(device_map, model: nn.Module):
@@ -34,10 +42,7 @@ def disjoint_device_map(device_map, model: nn.Module):
     if bad:
         raise ValueError(f"device_map: keys must be module names (str), got {bad}")
     modules = dict(model.named_modules())
-    unknown = [k for k in device_map if k not in modules]
-    if unknown:
-        raise ValueError(f"device_map: unknown module name(s) {unknown}; use names like 'embed', 'blocks.0', "
-                         "'blocks.0.attn', 'ln_final', 'unembed' (or '' for the whole model)")
+    check_module_names(device_map, modules)
     out = dict(device_map)
     while True:
         outer = next((o for o in sorted(out, key=len)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import dtype_name
+from .device_map_checks import check_module_names
 from .safetensors_files import read_header, read_tensor, save_aligned
 from .weights import Device, accelerate_hooks, torch_device
 
@@ -84,11 +85,7 @@ def resolve_device_map(model: nn.Module, device_map, max_memory, dtype: torch.dt
                 model.unembed.weight = model.embed.weight
     if not isinstance(device_map, dict):
         raise ValueError(f"device_map: expected one of {STRATEGIES}, a device or a dict, got {device_map!r}")
-    modules = dict(model.named_modules())
-    unknown = [k for k in device_map if k not in modules]
-    if unknown:
-        raise ValueError(f"device_map: unknown module name(s) {unknown}; use names like 'embed', "
-                         "'blocks.0', 'blocks.0.attn', 'ln_final', 'unembed' (or '' for the whole model)")
+    check_module_names(device_map, dict(model.named_modules()))
     resolved = {k: _normalise_value(k, v) for k, v in device_map.items()}
     uncovered = [n for n, _ in model.named_parameters(remove_duplicate=False) if device_for(resolved, n) is None]
     if uncovered:

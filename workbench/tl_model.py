@@ -51,6 +51,17 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 BRIDGE_BLOCK_ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(in|out)$")
 
 
+def circuit_qk(owner) -> FactoredMatrix:
+    """``[... head d_model d_model]`` = W_Q @ W_K^T (no rotary, no QK-norm), for one attention layer
+    (``[head ...]``) or the whole model (``[layer head ...]``)."""
+    return FactoredMatrix(owner.W_Q, owner.W_K.transpose(-1, -2))
+
+
+def circuit_ov(owner) -> FactoredMatrix:
+    """``[... head d_model d_model]`` = W_V @ W_O, per layer or stacked over layers (see ``circuit_qk``)."""
+    return FactoredMatrix(owner.W_V, owner.W_O)
+
+
 class TLAttentionMixin:
     """Head-major weight views on an ``Attention`` module (TL's ``block.attn.W_Q`` etc.)."""
 
@@ -85,15 +96,8 @@ class TLAttentionMixin:
     def b_O(self) -> torch.Tensor:
         return self.o_proj.weight.new_zeros(self.o_proj.weight.shape[0])
 
-    @property
-    def QK(self) -> FactoredMatrix:
-        """[head d_model d_model] = W_Q @ W_K^T (no rotary, no QK-norm)."""
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        """[head d_model d_model] = W_V @ W_O."""
-        return FactoredMatrix(self.W_V, self.W_O)
+    QK = property(circuit_qk)
+    OV = property(circuit_ov)
 
 
 class TLMLPMixin:
@@ -277,15 +281,8 @@ class TLModelMixin(TLTokensMixin, TLProcessingMixin):
     def b_U(self) -> torch.Tensor:
         return self.embed.weight.new_zeros(self.cfg.vocab_size)          # [vocab] zeros: no unembedding bias
 
-    @property
-    def QK(self) -> FactoredMatrix:
-        """[layer head d_model d_model] = W_Q @ W_K^T (no rotary, no QK-norm)."""
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        """[layer head d_model d_model] = W_V @ W_O."""
-        return FactoredMatrix(self.W_V, self.W_O)
+    QK = property(circuit_qk)    # [layer head d_model d_model]
+    OV = property(circuit_ov)    # [layer head d_model d_model]
 
     def all_head_labels(self) -> list:
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
