@@ -216,7 +216,6 @@ class TLModelMixin(TLTokensMixin, TLProcessingMixin):
                 input_ids = input_ids[None]
             if kv_cache is None and isinstance(input_ids, torch.Tensor):
                 warn_if_padded(input_ids, attention_mask, self.cfg.pad_token_id, stacklevel=5)
-        self.cfg.device = self.device
         return ForwardCall(input_ids, attention_mask, position_ids, return_type, bool(loss_per_token), stop_at_layer)
 
     def finish_forward(self, call: ForwardCall, logits: torch.Tensor):
