@@ -21,8 +21,16 @@ What it does to the notebook (nothing else is changed):
 
 A failing step's error is classified ``env`` when it comes from the environment (a module that is
 not installed, transformer-lens 4.x lacking ``transformer_lens.utils`` or ``HookedTransformer``),
-``cascade`` when it needs a name an earlier failed or skipped step should have defined, and
-``surface`` otherwise (our TransformerLens surface, or a genuine Command-R difference).
+``cascade`` when it needs a name an earlier failed or skipped step should have defined (a NameError,
+or a cell reading a name that an earlier step bound at or after its failing statement, or that a
+skipped step binds), and ``surface`` otherwise (our TransformerLens surface, or a genuine Command-R
+difference).
+
+``--ungroup-gqa`` ports one more line: each replaced load is followed by
+``model.set_ungroup_grouped_query_attention(True)``, TransformerLens' switch for per-query-head
+``hook_k``/``hook_v`` on grouped-query models (the bundled model has 4 query and 2 key/value heads;
+demos written for GPT-2 index ``hook_v`` by query head). Without it such steps fail with an
+``IndexError`` that names the switch, as TransformerLens fails on its own grouped-query models.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 OUR_LOAD = 'HookedCommandR.from_pretrained("command-r-tiny")'
+OUR_LOAD_UNGROUPED = '_ungrouped(HookedCommandR.from_pretrained("command-r-tiny"))'
 LOAD_CALLS = ("TransformerBridge.boot_transformers", "HookedTransformer.from_pretrained_no_processing",
               "HookedTransformer.from_pretrained", "transformer_lens.HookedTransformer.from_pretrained")
 # Whole words in the demos' prompts -> words that are single tokens for the bundled tokenizer.
@@ -186,13 +195,56 @@ def origin_of(exc: BaseException, tl_blocked: bool) -> str:
     return "cascade" if isinstance(exc, NameError) else "surface"
 
 
+def bound_names(nodes: list) -> set:
+    """Names the statements ``nodes`` bind (assignments, loops, defs, classes, imports)."""
+    names = set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                names.add(n.id)
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in n.names)
+    return names
+
+
+def read_names(tree: ast.Module) -> set:
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def unfinished_statements(tree: ast.Module, exc: BaseException, cell: int) -> list:
+    """The cell's top-level statements from the one that raised on (all of them if unknown)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == f"<cell {cell}>"]
+    if not frames:
+        return tree.body
+    line = frames[0].lineno
+    for k, node in enumerate(tree.body):
+        if node.lineno <= line <= (node.end_lineno or node.lineno):
+            return tree.body[k:]
+    return tree.body
+
+
+def parse_or_none(src: str):
+    try:
+        return ast.parse(src)
+    except SyntaxError:
+        return None
+
+
 def code_cells(path: Path) -> list:
     nb = json.loads(path.read_text())
     return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
             for c in nb["cells"] if c["cell_type"] == "code"]
 
 
-def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substitute: bool = True) -> dict:
+def ungrouped(model):
+    model.set_ungroup_grouped_query_attention(True)
+    return model
+
+
+def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substitute: bool = True,
+                 ungroup_gqa: bool = False) -> dict:
     install_plot_stand_ins()
     if no_tl:
         block_transformer_lens()
@@ -201,11 +253,12 @@ def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substit
 
     torch.set_num_threads(1)                      # a small model on a shared machine: threads only contend
     ns = {"__name__": "__demo__", "HookedCommandR": HookedCommandR, "display": lambda *a, **k: None,
-          "IN_COLAB": False, "IN_GITHUB": False, "DEBUG_MODE": False, "DEVELOPMENT_MODE": False}
-    steps = []
+          "IN_COLAB": False, "IN_GITHUB": False, "DEBUG_MODE": False, "DEVELOPMENT_MODE": False,
+          "_ungrouped": ungrouped}
+    steps, tainted = [], set()          # names an earlier failed or skipped step left unset or half-set
     torch.manual_seed(0)
     for i, src in enumerate(code_cells(path)):
-        src, n_loads = replace_calls(src, LOAD_CALLS, OUR_LOAD)
+        src, n_loads = replace_calls(src, LOAD_CALLS, OUR_LOAD_UNGROUPED if ungroup_gqa else OUR_LOAD)
         if substitute:
             for old, new in PROMPT_TABLE.items():
                 src = re.sub(rf"\b{old}\b", new, src)
@@ -213,6 +266,11 @@ def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substit
                 src = re.sub(pattern, new, src)
         kind = classify(src)
         step = {"cell": i, "kind": kind, "loads_replaced": n_loads}
+        tree = parse_or_none(src)
+        if kind in ("magic", "network") and tree is not None:
+            tainted |= bound_names(tree.body)
+        if kind == "plot":
+            tainted |= bound_names([n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom))])
         if kind == "plot":                           # its imports still bind names (inert stand-ins)
             imports = [n for n in ast.parse(src).body if isinstance(n, (ast.Import, ast.ImportFrom))]
             exec(compile(ast.Module(body=imports, type_ignores=[]), f"<cell {i} imports>", "exec"), ns)
@@ -223,11 +281,17 @@ def run_notebook(path: Path, no_tl: bool = False, verbose: bool = False, substit
                 with redirect_stdout(out):
                     exec(compile(src, f"<cell {i}>", "exec"), ns)
                 step["status"] = "pass"
+                tainted -= bound_names(tree.body) if tree is not None else set()
             except BaseException as exc:             # noqa: BLE001 - every failure is a result
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 step["status"] = "fail"
                 step["origin"] = origin_of(exc, no_tl)
+                if step["origin"] == "surface" and tree is not None and read_names(tree) & tainted:
+                    step["origin"] = "cascade"
+                    step["needs"] = sorted(read_names(tree) & tainted)
+                if tree is not None:
+                    tainted |= bound_names(unfinished_statements(tree, exc, i))
                 step["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if verbose:
                     step["traceback"] = traceback.format_exc(limit=-4)
@@ -257,8 +321,11 @@ def main() -> int:
     p.add_argument("--verbose", action="store_true", help="print each step's output and traceback")
     p.add_argument("--no-substitute", action="store_true", help="keep the demo's prompts and GPT-2 sizes")
     p.add_argument("--json", type=Path, help="write every step's record here")
+    p.add_argument("--ungroup-gqa", action="store_true",
+                   help="after each replaced load, model.set_ungroup_grouped_query_attention(True)")
     args = p.parse_args()
-    result = run_notebook(args.notebook, no_tl=args.no_tl, verbose=args.verbose, substitute=not args.no_substitute)
+    result = run_notebook(args.notebook, no_tl=args.no_tl, verbose=args.verbose, substitute=not args.no_substitute,
+                          ungroup_gqa=args.ungroup_gqa)
     for s in result["steps"]:
         if s["kind"] != "run":
             print(f"cell {s['cell']:3d}  skip ({s['kind']})")
@@ -266,13 +333,16 @@ def main() -> int:
         line = f"cell {s['cell']:3d}  {s['status']:4s} {s['seconds']:6.2f}s"
         if s["status"] == "fail":
             line += f"  [{s['origin']}] {s['error']}"
+            if s.get("needs"):
+                line += f"  (needs {', '.join(s['needs'])})"
         print(line)
         if args.verbose:
             print("    " + s["stdout"].strip().replace("\n", "\n    ")[-1500:])
             if "traceback" in s:
                 print("    " + s["traceback"].strip().replace("\n", "\n    "))
     sm = summary(result)
-    print(f"{args.notebook.name} ({'transformer-lens blocked' if args.no_tl else 'transformer-lens available'}): "
+    print(f"{args.notebook.name} ({'transformer-lens blocked' if args.no_tl else 'transformer-lens available'}"
+          f"{', GQA ungrouped' if args.ungroup_gqa else ''}): "
           f"{sm['passed']}/{sm['run']} steps passed, {sm['failed']} failed ({sm['failed_env']} environment, "
           f"{sm['failed_cascade']} after an earlier failure, {sm['failed_surface']} surface); "
           f"skipped {sm['skipped_magic']} install/magic, {sm['skipped_plot']} plotting, {sm['skipped_network']} network")

@@ -142,3 +142,50 @@ def test_checker_counts_steps(tmp_path):
     logits = model("After David and Emma went out, Emma gave it to")
     expected = (logits[0, -1, model.to_single_token(" David")] - logits[0, -1, model.to_single_token(" Emma")]).item()
     assert abs(float(steps[2]["stdout"].strip()) - expected) < 1e-3
+
+
+def test_generated_text_with_an_id_past_the_tokenizer_reads_as_replacement(plain):
+    """A model row past the tokenizer's vocabulary (untrained padding rows) can win the argmax; text out
+    marks it with U+FFFD instead of losing the generation, while to_string stays strict by default."""
+    n_tok = plain.tokenizer.vocab_size
+    assert plain.cfg.vocab_size > n_tok
+    extra = plain.cfg.vocab_size - 1
+
+    def force(logits, hook):
+        logits[..., extra] = logits.max() + 10
+        return logits
+
+    with plain.hooks(fwd_hooks=[("hook_logits", force)]):
+        text = plain.generate("The capital of France is", max_new_tokens=2, verbose=False)
+        ids = plain.generate(plain.to_tokens("The capital of France is"), max_new_tokens=2)
+    assert ids[0, -2:].tolist() == [extra, extra]
+    assert text == plain.to_string(ids[0], errors="replace") and text.endswith("France is\ufffd\ufffd")
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        plain.to_string(ids[0])
+
+
+def test_checker_counts_a_half_set_name_as_cascade_and_ports_the_gqa_switch(tmp_path):
+    """A name an earlier failed statement left half-set is a cascade, not a surface failure; with
+    --ungroup-gqa a per-query-head hook_v edit runs and zeroes exactly that head's output."""
+    cells = ["import torch\nfrom transformer_lens.model_bridge import TransformerBridge",
+             'model = TransformerBridge.boot_transformers("gpt2")',
+             "xs = [1, 2]\nxs = torch.tensor(xs).to(undefined_device)",
+             "torch.zeros(3).gather(0, xs)",
+             'toks = model.to_tokens("When John and Mary went out")\n'
+             'def f(v, hook):\n    v[:, :, 3] = 0\n    return v\n'
+             '_, cache = model.run_with_cache(toks, fwd_hooks=[("blocks.0.attn.hook_v", f)])\n'
+             'print(cache["z", 0][:, :, 3].abs().max().item(), cache["z", 0][:, :, 2].abs().max().item())']
+    nb = {"cells": [{"cell_type": "code", "source": c} for c in cells], "metadata": {}, "nbformat": 4,
+          "nbformat_minor": 5}
+    path = tmp_path / "demo.ipynb"
+    path.write_text(json.dumps(nb))
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "tl_demo_check.py"), str(path), "--no-tl",
+                    "--ungroup-gqa", "--json", str(out)], capture_output=True, text=True, timeout=120,
+                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    steps = json.loads(out.read_text())["steps"]
+    assert steps[2]["origin"] == "cascade"                                 # NameError
+    assert steps[3]["status"] == "fail" and steps[3]["origin"] == "cascade" and steps[3]["needs"] == ["xs"]
+    assert steps[4]["status"] == "pass", steps[4].get("error")
+    zeroed, other = map(float, steps[4]["stdout"].split())
+    assert zeroed == 0.0 and other > 0.0

@@ -24,7 +24,8 @@ def hook_table(model, batch: int = 1, pos: int = 8, k_pos: Optional[int] = None)
     """
     cfg = model.cfg
     dims = {"batch": batch, "pos": pos, "q_pos": pos, "k_pos": k_pos or pos, "d_model": cfg.d_model,
-            "head": cfg.n_heads, "kv_head": cfg.n_kv_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp,
+            "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp,
+            "kv_head": cfg.n_heads if cfg.ungroup_grouped_query_attention else cfg.n_kv_heads,  # tl_gqa: per head
             "vocab": cfg.vocab_size, "1": 1}
     rows = []
     for name, hp in model.hook_dict.items():

@@ -46,6 +46,7 @@ from .offload import execution_device
 from .saving import save_pretrained as save_checkpoint
 from .weights import dense_weight, heads_of_o_proj
 from .sae_splice import SAEHostMixin
+from .tl_gqa import kv_hook, ungroup_kv, ungroup_weight
 from .tl_model import Embed, TLAttentionMixin, TLMLPMixin, TLModelMixin, Unembed
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -66,7 +67,8 @@ class LayerNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """Per-head LayerNorm over d_head (Command-R+); weight [head or kv_head, d_head]."""
+    """Per-head LayerNorm over d_head (Command-R+); weight [head or kv_head, d_head] (repeated per
+    query head when keys arrive ungrouped, ``workbench.tl_gqa``)."""
 
     def __init__(self, n_heads: int, d_head: int, eps: float) -> None:
         super().__init__()
@@ -74,7 +76,7 @@ class QKNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch pos head d_head]
-        return layer_norm_fp32(x, self.weight, self.eps)
+        return layer_norm_fp32(x, ungroup_weight(self.weight, x.shape[2]), self.eps)
 
 
 def rotary_tables(positions: torch.Tensor, d_head: int, theta: float, dtype: torch.dtype):
@@ -116,6 +118,7 @@ class Attention(TLAttentionMixin, nn.Module):
         super().__init__()
         D, H, K, d = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.n_heads, self.n_kv_heads, self.d_head, self.group = H, K, d, cfg.group_size
+        self.cfg = cfg                                 # read per forward: TL's ungroup_grouped_query_attention
         self.scale = d**-0.5
         self.window = cfg.layer_window(layer)          # None = full causal attention
         self.use_rope = cfg.layer_uses_rope(layer)     # False on cohere2 global (NoPE) layers
@@ -125,8 +128,8 @@ class Attention(TLAttentionMixin, nn.Module):
         self.v_proj = nn.Linear(D, K * d, bias=False)
         self.o_proj = nn.Linear(H * d, D, bias=False)
         self.hook_q = HookPoint()                # [batch pos head d_head]
-        self.hook_k = HookPoint()                # [batch pos kv_head d_head]
-        self.hook_v = HookPoint()                # [batch pos kv_head d_head]
+        self.hook_k = HookPoint()                # [batch pos kv_head d_head]  (head: ungrouped, tl_gqa)
+        self.hook_v = HookPoint()                # [batch pos kv_head d_head]  (head: ungrouped, tl_gqa)
         if self.use_qk_norm:
             self.q_norm = QKNorm(H, d, cfg.layer_norm_eps)
             self.k_norm = QKNorm(K, d, cfg.layer_norm_eps)
@@ -149,16 +152,20 @@ class Attention(TLAttentionMixin, nn.Module):
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
 
     def forward(self, h: torch.Tensor, rope, masks, kv_cache=None, layer: int = 0, explicit: bool = False):
+        H = self.n_heads
         q = self.hook_q(rearrange(self.q_proj(h), "b s (h d) -> b s h d", d=self.d_head))
-        k = self.hook_k(rearrange(self.k_proj(h), "b s (h d) -> b s h d", d=self.d_head))
-        v = self.hook_v(rearrange(self.v_proj(h), "b s (h d) -> b s h d", d=self.d_head))
+        k = rearrange(self.k_proj(h), "b s (h d) -> b s h d", d=self.d_head)    # [batch pos kv_head d_head]
+        v = rearrange(self.v_proj(h), "b s (h d) -> b s h d", d=self.d_head)
+        if self.group > 1 and self.cfg.ungroup_grouped_query_attention:       # TL's switch: one copy per head
+            k, v = ungroup_kv(k, self.group), ungroup_kv(v, self.group)         # [batch pos head d_head]
+        k, v = kv_hook(self.hook_k, k, H), kv_hook(self.hook_v, v, H)
         if self.use_qk_norm:
             q = self.hook_q_normed(self.q_norm(q))
-            k = self.hook_k_normed(self.k_norm(k))
+            k = kv_hook(self.hook_k_normed, self.k_norm(k), H)
         if self.use_rope:
             cos, sin = rope
             q = self.hook_rot_q(apply_rotary(q, cos, sin))
-            k = self.hook_rot_k(apply_rotary(k, cos, sin))
+            k = kv_hook(self.hook_rot_k, apply_rotary(k, cos, sin), H)
         q = rearrange(q, "b s h d -> b h s d")
         k = rearrange(k, "b s h d -> b h s d")
         v = rearrange(v, "b s h d -> b h s d")
@@ -208,11 +215,12 @@ class Attention(TLAttentionMixin, nn.Module):
         return eager_attention(self, q, standard_strides(k), standard_strides(v), mask)
 
     def _fused(self, q, k, v, mask, is_causal):
-        if self.group > 1:
+        group = q.shape[1] // k.shape[1]                 # 1 when keys/values arrive ungrouped
+        if group > 1:
             if _SDPA_GQA:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                       scale=self.scale, enable_gqa=True)
-            k, v = repeat_kv(k, self.group), repeat_kv(v, self.group)
+            k, v = repeat_kv(k, group), repeat_kv(v, group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
 
 
@@ -222,12 +230,13 @@ def eager_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, val
 
     query [batch head q_pos d_head], key/value [batch kv_head k_pos d_head], mask additive
     [batch|1 1 q_pos k_pos] or a function (r0, r1) -> its rows r0..r1-1 -> z [batch head q_pos d_head].
-    ``attn`` supplies the group size, the scale and the ``hook_attn_scores``/``hook_pattern`` points.
+    ``attn`` supplies the scale and the ``hook_attn_scores``/``hook_pattern`` points.
     Callers pass the operands in the reference's layouts (tests/test_layout.py compares shapes and
     strides with the reference). Unless the scores are hooked, the pattern is computed in query
     blocks into one buffer (``attention_ops.pattern_rows``: the same ops and bits, ~1x its bytes)."""
-    key = repeat_kv(key, attn.group)                  # [batch head k_pos d_head]
-    value = repeat_kv(value, attn.group)
+    group = query.shape[1] // key.shape[1]            # 1 when keys/values arrive ungrouped (tl_gqa)
+    key = repeat_kv(key, group)                       # [batch head k_pos d_head]
+    value = repeat_kv(value, group)
     if attn.hook_attn_scores.has_hooks:               # the full scores only when something reads them
         mask = mask if isinstance(mask, torch.Tensor) else mask(0, query.shape[2])
         scores = torch.matmul(query, key.transpose(2, 3)) * attn.scale

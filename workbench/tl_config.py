@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .tl_gqa import check_flag
+
 
 class TLConfigMixin:
     """TransformerLens' ``HookedTransformerConfig`` names, derived from CommandRConfig's fields."""
@@ -43,7 +45,6 @@ class TLConfigMixin:
     use_hook_tokens = False
     use_attn_scale = True
     use_local_attn = False
-    ungroup_grouped_query_attention = False
     output_logits_soft_cap = -1.0
     n_devices = 1
     seed = None
@@ -63,7 +64,10 @@ class TLConfigMixin:
 
     @property
     def n_key_value_heads(self) -> int:
-        return self.n_kv_heads
+        """Key/value heads as ``hook_k``/``hook_v`` carry them: ``n_kv_heads``, or ``n_heads`` once
+        ``ungroup_grouped_query_attention`` is on (so TL code that sizes a k/v sweep from it, like
+        ``transformer_lens.patching`` 4.x, covers every per-head copy the hooks expose)."""
+        return self.n_heads if self.ungroup_grouped_query_attention else self.n_kv_heads
 
     @property
     def eps(self) -> float:
@@ -117,3 +121,13 @@ class TLConfigMixin:
     @dtype.setter
     def dtype(self, value: torch.dtype) -> None:
         self.__dict__["_tl_dtype"] = value
+
+    @property
+    def ungroup_grouped_query_attention(self) -> bool:
+        """TL's switch (default False): ``hook_k``/``hook_v`` carry one copy per query head (see
+        ``workbench.tl_gqa``). A runtime setting, not saved with the checkpoint's config."""
+        return self.__dict__.get("_tl_ungroup_gqa", False)
+
+    @ungroup_grouped_query_attention.setter
+    def ungroup_grouped_query_attention(self, value: bool) -> None:
+        self.__dict__["_tl_ungroup_gqa"] = check_flag(value)

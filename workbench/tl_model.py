@@ -15,6 +15,7 @@ Command-R specifics a TL user must know:
   arithmetic assumes); the stored tied weight is ``model.W_U_raw``.
 * GQA: ``W_K``/``W_V`` are expanded to one slice per query head (TL's convention, so ``QK``/``OV``
   are per head); the stored kv-head weights are ``W_K_kv``/``W_V_kv`` ``[layer kv_head d_model d_head]``.
+  ``hook_k``/``hook_v`` carry kv heads unless ``set_ungroup_grouped_query_attention(True)`` (``tl_gqa``).
 * ``QK`` ignores rotary and the per-head QK-norm (Command-R+), as TL's ignores rotary.
 * No biases anywhere: every ``b_*`` is zeros of TL's shape. No ``W_pos`` (rotary positions).
 
@@ -397,6 +398,11 @@ class TLModelMixin(TLTokensMixin, TLProcessingMixin):
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         self._refuse("set_use_hook_mlp_in", use_hook_mlp_in)
 
+    def set_ungroup_grouped_query_attention(self, ungroup_grouped_query_attention: bool) -> None:
+        """TL's switch: ``True`` gives ``hook_k``/``hook_v`` one key/value copy per query head
+        ``[batch pos head d_head]``, editable per head (``workbench.tl_gqa``); logits are unchanged."""
+        self.cfg.ungroup_grouped_query_attention = ungroup_grouped_query_attention
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         cfg = self.__dict__.get("cfg")
@@ -411,7 +417,8 @@ class TLModelMixin(TLTokensMixin, TLProcessingMixin):
         """``generate`` accepting TL's arguments: a string (or list of strings) in gives text out
         (``return_type`` "input" / "str" / "tokens"); ``stop_at_eos=False`` never stops at EOS;
         ``verbose`` shows progress. Strings are left-padded and masked. Sampling follows transformers:
-        greedy unless ``do_sample=True`` (sampling settings without it warn)."""
+        greedy unless ``do_sample=True`` (sampling settings without it warn). In text out, an id
+        the tokenizer lacks (the model's untrained rows past its vocabulary) reads as U+FFFD."""
         if args and isinstance(args[0], int) and not isinstance(args[0], bool):   # TL: generate(text, 20)
             kwargs["max_new_tokens"], args = args[0], args[1:]
         if kwargs.pop("freq_penalty", 0.0):
@@ -436,6 +443,7 @@ class TLModelMixin(TLTokensMixin, TLProcessingMixin):
         if return_type == "str" or (return_type == "input" and is_text):
             mask = kwargs.get("attention_mask")
             n_pad = (mask == 0).sum(-1).tolist() if mask is not None else [0] * out.shape[0]
-            text = [self.to_string(row[k:]) for row, k in zip(out, n_pad)]     # without the left padding
+            # without the left padding; a generated id past the tokenizer's vocabulary shows as U+FFFD
+            text = [self.to_string(row[k:], errors="replace") for row, k in zip(out, n_pad)]
             return text[0] if isinstance(original, str) else text
         return out

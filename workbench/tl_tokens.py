@@ -105,13 +105,15 @@ class TLTokensMixin:
             raise ValueError(f"to_str_tokens: expected a str, a list of str, or ids [pos] / [batch pos], got {tuple(ids.shape)}")
         return [tok.decode([i]) for i in ids.reshape(-1).tolist()]
 
-    def to_string(self, tokens) -> Union[str, list]:
-        """Ids -> text: [pos] or a list of ints -> str, [batch pos] -> list of str (special tokens kept)."""
+    def to_string(self, tokens, errors: str = "strict") -> Union[str, list]:
+        """Ids -> text: [pos] or a list of ints -> str, [batch pos] -> list of str (special tokens kept).
+        An id the tokenizer lacks (an untrained embedding row past its vocabulary) raises unless
+        ``errors="replace"`` (U+FFFD for each) or ``"ignore"``."""
         tok = self._need_tokenizer("to_string")
         ids = torch.as_tensor(tokens)
         if ids.dim() == 2:
-            return [tok.decode(row.tolist()) for row in ids]
-        return tok.decode(ids.reshape(-1).tolist())
+            return [tok.decode(row.tolist(), errors=errors) for row in ids]
+        return tok.decode(ids.reshape(-1).tolist(), errors=errors)
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no BOS); raises naming the pieces otherwise."""

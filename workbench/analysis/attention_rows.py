@@ -140,7 +140,8 @@ def selected_rows(attn, q: torch.Tensor, k: torch.Tensor, masks, heads: Sequence
     ``q`` [batch head pos d_head] and ``k`` [batch kv_head k_pos d_head] as an attention observer gets them."""
     n_keys = k.shape[-2]
     # [batch head_sel k_pos d_head]: repeat_kv(k)[:, heads] (contiguous, as explicit) without the other heads
-    keys = standard_strides(k)[:, torch.tensor([h // attn.group for h in heads], device=k.device)]
+    group = q.shape[1] // k.shape[1]                  # 1 when keys arrive ungrouped (workbench.tl_gqa)
+    keys = standard_strides(k)[:, torch.tensor([h // group for h in heads], device=k.device)]
     all_heads = list(heads) == list(range(attn.n_heads))
     block = block or block_size(len(queries), n_keys, q.shape[0] * len(heads), q.dtype)
     for r0 in range(0, len(queries), block):
