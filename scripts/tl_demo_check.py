@@ -210,7 +210,12 @@ def bound_names(nodes: list) -> set:
 
 
 def read_names(tree: ast.Module) -> set:
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    """Names the cell reads before binding them itself (statement by statement)."""
+    needed, bound = set(), set()
+    for node in tree.body:
+        needed |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound
+        bound |= bound_names([node])
+    return needed
 
 
 def unfinished_statements(tree: ast.Module, exc: BaseException, cell: int) -> list:

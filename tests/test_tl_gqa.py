@@ -35,9 +35,11 @@ def ungrouped(model):
 
 
 def run(model, tokens, ungroup: bool, **kwargs):
+    """Logits and {full hook name: tensor} (a plain dict: read after the switch is reset)."""
     model.set_ungroup_grouped_query_attention(ungroup)
     try:
-        return model.run_with_cache(tokens, **kwargs)
+        logits, cache = model.run_with_cache(tokens, **kwargs)
+        return logits, dict(cache.items())
     finally:
         model.set_ungroup_grouped_query_attention(False)
 
@@ -54,10 +56,11 @@ def test_ungrouped_logits_and_pattern_bitwise_equal_grouped(model, tokens, impl)
     group = model.cfg.n_heads // model.cfg.n_kv_heads
     for layer in range(model.cfg.n_layers):
         for kind in ("k", "v", "k_normed", "rot_k"):
-            g, u = g_cache[kind, layer], u_cache[kind, layer]     # [batch pos kv_head d_head] / [batch pos head d_head]
+            name = act_name(kind, layer)
+            g, u = g_cache[name], u_cache[name]       # [batch pos kv_head d_head] / [batch pos head d_head]
             assert g.shape[2] == model.cfg.n_kv_heads and u.shape[2] == model.cfg.n_heads
             assert torch.equal(u, g.repeat_interleave(group, dim=2))   # head j is kv head j // group
-        assert torch.equal(g_cache["z", layer], u_cache["z", layer])
+        assert torch.equal(g_cache[act_name("z", layer)], u_cache[act_name("z", layer)])
 
 
 def test_ungrouped_generation_with_kv_cache_matches(model):
@@ -212,5 +215,25 @@ def test_transformer_lens_value_patching_matches_our_per_head_patch(model, ungro
                     return v
                 ours = metric(model.run_with_hooks(corrupt, fwd_hooks=[(act_name("v", layer), patch)]))
                 assert torch.allclose(theirs[layer, head], ours, atol=1e-5)
+    finally:
+        model.set_ungroup_grouped_query_attention(False)
+
+
+def test_reading_a_cache_made_before_the_switch_flipped_warns(model, tokens):
+    """A grouped cache read while the model is ungrouped (or the reverse) warns: head index j of the
+    cached tensor is not head j of the hook any more."""
+    import warnings
+    model.set_ungroup_grouped_query_attention(False)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_v", "hook_z")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache["v", 0], cache["z", 0]                     # same layout as the hook: silent
+    model.set_ungroup_grouped_query_attention(True)
+    try:
+        with pytest.warns(UserWarning, match="ungroup_grouped_query_attention=True"):
+            cache["v", 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cache["z", 0]                                # per query head either way
     finally:
         model.set_ungroup_grouped_query_attention(False)

@@ -36,6 +36,7 @@ from .cache_files import (FILE_FORMAT, FILE_FORMAT_VERSION, CacheMismatchError, 
                           read_cache_file, write_cache_file)
 from .fingerprint import weights_fingerprint, weights_state
 from .hook_names import HookNameError, act_name
+from .tl_gqa import warn_if_regrouped
 from .weights import model_weight
 
 from .tl_cache import TLCacheMixin
@@ -126,7 +127,9 @@ class ActivationCache(TLCacheMixin):
         if name not in self.cache_dict:
             close = difflib.get_close_matches(name, list(self.cache_dict), n=5, cutoff=0.5)
             raise KeyError(f"{name!r} is not in the cache" + (f"; closest: {close}" if close else ""))
-        return self.cache_dict[name]
+        value = self.cache_dict[name]
+        warn_if_regrouped(name, value, self.model)      # GQA switch flipped since the forward (tl_gqa)
+        return value
 
     def __contains__(self, key) -> bool:
         try:

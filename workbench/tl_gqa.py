@@ -22,6 +22,8 @@ switch (TransformerLens raises a bare ``IndexError`` there).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from einops import repeat
 
@@ -53,6 +55,20 @@ def kv_hook(hook, x: torch.Tensor, n_heads: int) -> torch.Tensor:
             f"[batch pos kv_head d_head] shared by {n_heads} query heads under grouped-query attention; "
             f"to index query heads 0..{n_heads - 1} call model.set_ungroup_grouped_query_attention(True), "
             f"as in TransformerLens)") from exc
+
+
+def warn_if_regrouped(name: str, value, model) -> None:
+    """Warn when a cached key/value tensor has another head count than the model's hook has now
+    (the switch was flipped after the cache was made): head index j means a different head in each."""
+    if model is None or name.rsplit(".", 1)[-1] not in KV_HOOKS or not isinstance(value, torch.Tensor):
+        return
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.n_heads == cfg.n_kv_heads or value.dim() < 2 or value.shape[-2] == cfg.n_key_value_heads:
+        return
+    warnings.warn(f"cache[{name!r}] holds {value.shape[-2]} key/value heads but the model's {name} now carries "
+                  f"{cfg.n_key_value_heads} (ungroup_grouped_query_attention={cfg.ungroup_grouped_query_attention} "
+                  f"since the cache was made): head index j names a different head in each; rerun run_with_cache",
+                  stacklevel=4)             # the user's cache[...] line (via the TL-alias wrapper)
 
 
 def check_flag(value) -> bool:
