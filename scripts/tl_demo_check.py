@@ -26,6 +26,12 @@ or a cell reading a name that an earlier step bound at or after its failing stat
 skipped step binds), and ``surface`` otherwise (our TransformerLens surface, or a genuine Command-R
 difference).
 
+The HookedTransformer-era demos (``import transformer_lens.utils``) need transformer-lens 2.x/3.x:
+transformer-lens 2.16.1 runs here beside torch 2.13 / transformers 5 when its wheel and better-abc's
+(``pip download --no-deps``) are unpacked into a folder put first on PYTHONPATH for the checker run
+(its package import also imports ``wandb``, which only its ``train`` module uses); installing it with
+its dependencies would downgrade numpy (<2) and beartype (<0.15).
+
 ``--ungroup-gqa`` ports one more line: each replaced load is followed by
 ``model.set_ungroup_grouped_query_attention(True)``, TransformerLens' switch for per-query-head
 ``hook_k``/``hook_v`` on grouped-query models (the bundled model has 4 query and 2 key/value heads;
@@ -199,8 +205,9 @@ def bound_names(nodes: list) -> set:
     """Names the statements ``nodes`` bind (assignments, loops, defs, classes, imports)."""
     names = set()
     for node in nodes:
+        local = {id(t) for c in ast.walk(node) if isinstance(c, ast.comprehension) for t in ast.walk(c.target)}
         for n in ast.walk(node):
-            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)) and id(n) not in local:
                 names.add(n.id)
             elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(n.name)
@@ -209,12 +216,36 @@ def bound_names(nodes: list) -> set:
     return names
 
 
+COMPOUND = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try)
+
+
+def in_order(stmts: list):
+    """Groups of AST nodes in execution order: a simple statement, or a compound statement's header
+    (test, iterable, loop target, with-items) followed by its bodies' statements."""
+    for node in stmts:
+        if not isinstance(node, COMPOUND):
+            yield [node]
+            continue
+        header = []
+        for field in ("test", "iter", "target", "items"):
+            value = getattr(node, field, None)
+            header += value if isinstance(value, list) else [value] if value is not None else []
+        yield header
+        for field in ("body", "orelse", "finalbody"):
+            yield from in_order(getattr(node, field, None) or [])
+        for handler in getattr(node, "handlers", []):
+            yield from in_order(handler.body)
+
+
 def read_names(tree: ast.Module) -> set:
-    """Names the cell reads before binding them itself (statement by statement)."""
+    """Names the cell reads before binding them itself (statement by statement, into if/for/with bodies)."""
     needed, bound = set(), set()
-    for node in tree.body:
-        needed |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound
-        bound |= bound_names([node])
+    for group in in_order(tree.body):
+        walked = [n for node in group for n in ast.walk(node)]
+        local = {t.id for c in walked if isinstance(c, ast.comprehension)       # comprehension variables
+                 for t in ast.walk(c.target) if isinstance(t, ast.Name)}
+        needed |= {n.id for n in walked if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound - local
+        bound |= bound_names(group)
     return needed
 
 
