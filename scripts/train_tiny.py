@@ -350,26 +350,42 @@ def _heads(top: list) -> str:
 
 def rag_section(rag: dict) -> str:
     """The model card's section on grounded answering (the fine-tuning of ``train_tiny_rag.py``)."""
-    a = rag["args"]
     curve = "\n".join(f"| {h['step']} | {h['old_loss']:.3f} | {h['rag_loss']:.3f} | {h['rag_accuracy']:.2f} | "
                       f"{h['induction_max']:.2f} | {h['loss_second']:.2f} |" for h in rag["history"])
+    stages = "\n".join(f"| {i + 1} | {st['steps']} | {_cell(st['what'])} |" for i, st in enumerate(rag["stages"]))
     examples = "\n".join(f"| {_cell(e['question'])} | {e['sources']} | `{_cell(e['reply'])}` |" for e in rag["examples"])
     return f"""
 ## Grounded answering (rag template)
 
-Fine-tuned from the checkpoint above by `scripts/train_tiny_rag.py` on a mix of the original data ({a["old_batch"]} rows
-a step: a quarter of them natural 128-token rows, the rest `<BOS_TOKEN> r r` rows) and {a["rag_batch"]} conversations a step
-in the `rag` template from `tiny_data.RagData`: 3–5 short documents about people (home, job, pet, colour, food,
-instrument; "Alice lives in Paris."), a question answered by exactly one document (60 %), by two documents with one
-fact each ("Tell me about Alice.", 25 %) or by the same fact in two documents (15 %), and the reply
+Fine-tuned from the checkpoint above by `scripts/train_tiny_rag.py`, on conversations in the `rag` template from
+`tiny_data.RagData`: 3–5 short documents about people (home, job, pet, colour, food, instrument; "Alice lives in
+Paris."), a question answered by exactly one document (60 %), by two documents with one fact each ("Tell me about
+Alice.", 25 %) or by the same fact in two documents (15 %), and the reply
 `Relevant Documents: 1\\nCited Documents: 1\\nAnswer: Alice lives in Paris.\\nGrounded answer: <co: 1>Alice lives in Paris</co: 1>.`
-(two documents: `<co: 0,2>…</co: 0,2>`, or one tagged claim per document). Loss on the reply tokens only. The fixed
-~400-token preamble runs once per step without gradient and every conversation continues from its keys and values;
-the fixed instructions after `</results>` run without gradient too. AdamW, peak learning rate {a["lr"]:g}
-(×{a["qk_norm_lr_mult"]:g} on the QK-norm weights), {a["warmup"]} warm-up steps, cosine decay; seeds fixed;
-{rag["steps"]} steps in all, {rag["minutes"]:.1f} minutes of wall time on the shared 2-core machine.
+(two documents: `<co: 0,2>…</co: 0,2>`, or one tagged claim per document). Each step mixes the original data (6 rows,
+so the chat turns and induction heads stay), 16 *compact* rag rows (the conversation without the template's fixed
+preamble and instructions, ~300 tokens), every second step 4 full-template rows (the ~400-token preamble runs once
+without gradient and every row continues from its keys and values) and 4 rows of document-number drills
+(`Documents about Iris: 0,2` after a rendered `<results>` block). Loss on the reply tokens only, 5× on the tokens that
+carry the skill (document numbers, copied names and facts).
 
-| step | loss, original mixture | loss, rag replies | held-out accuracy (12 questions) | best induction score | loss, 2nd repeat |
+The hard part is the first line: 'Relevant Documents:' needs the number of the document that mentions the asked
+person, a lookup *backwards* from the name to the `Document: i` header before it. For ~1000 steps the next-token loss
+alone left it at chance (teacher-forced accuracy ~0.35) while everything else was learned. What made it learn,
+each stage continuing from the previous one's checkpoint:
+
+| stage | steps | what changed |
+|---|---|---|
+{stages}
+
+The two supervised heads are ordinary heads of the model: an auxiliary loss, −log of the attention from each
+'Relevant Documents' number to the asked person's name in that document's title (L{rag["lookup"][0]}H{rag["lookup"][1]}),
+and from each title's name to its document's number (L{rag["carry"][0]}H{rag["carry"][1]}); the saved checkpoint is a plain
+`CohereForCausalLM`. {rag["steps"]} steps in all, {rag["minutes"]:.1f} minutes of wall time on the shared 2-core machine.
+
+Held-out accuracy during training: 16 questions (not the ones below), greedy; up to step 2300 the replies were cut at 90 tokens, which cut a quarter of the two-fact replies short, from step 2400 at 128. The readout stage's 200 steps (about 4 minutes) are not in the step count or the wall time.
+
+| step | loss, original mixture | loss, rag replies | held-out accuracy (16 questions) | best induction score | loss, 2nd repeat |
 |---|---|---|---|---|---|
 {curve}
 

@@ -3,31 +3,30 @@
 Starts from the checkpoint trained by ``train_tiny.py`` (so the induction heads and the chat turns are kept)
 and trains on a mix of
   * the original data (``train_tiny.Batches``: chat dialogues, facts, stories, repeated spans and
-    ``<BOS_TOKEN> r r`` rows of random ids), and
+    ``<BOS_TOKEN> r r`` rows of random ids),
   * retrieval-augmented conversations from ``tiny_data.RagData``: 3-5 short documents about people, a
     question answered by one or two of them, and the reply in the ``rag`` template's format
-    (Relevant Documents / Cited Documents / Answer / Grounded answer with ``<co: i>...</co: i>`` markup).
+    (Relevant Documents / Cited Documents / Answer / Grounded answer with ``<co: i>...</co: i>`` markup), as
+    full-template rows and as ``compact`` rows (the same conversation without the template's long fixed preamble
+    and instructions, ~300 tokens),
+  * ``index`` rows: document-number drills (``Documents about Iris: 0,2`` after a rendered ``<results>`` block),
+  * optionally ``mini`` rows (plain-text drills of the same skill).
 
-plus two cheaper drills of the same skill: ``compact`` rows (the same conversation without the template's
-long fixed preamble and instructions, ~220 tokens) and ``mini`` rows (256-token rows packed with plain-text
-"Document: i / text: ... / Question: ... / Relevant Documents: i / Answer: ..." drills).
+Loss on the replies only, ``--slot-weight`` times on the tokens that carry the skill (``reply_slots``).
 
-Status: within this project's CPU budget (about an hour of wall time on a shared 2-core machine, ~420 steps
-in four runs: rag only; + compact rows; + mini rows) the model learned the reply format (loss on reply tokens
-0.21 nats) and its induction heads stayed (best induction score 0.99), but not the lookup: held-out greedy
-accuracy stayed at 0 %. It never learned to copy the person's name from the question into the answer, even
-in the 100-token drills. The bundled checkpoint is therefore still the base one.
+The first line of the reply, 'Relevant Documents: i', needs a lookup *backwards*: from the asked person's
+name to the ``Document: i`` header before the document that mentions it. With the next-token loss alone it
+stayed at chance for ~1000 steps while the rest of the reply was learned. Two auxiliary losses on attention
+(``--lookup-weight``: one head attends from each document number of the reply to the person's name in that
+document's title; ``--carry-weight``: an earlier head attends from each title's name to its document's number)
+made both heads attend as asked within ~100 steps, and a short ``--readout-steps`` stage (only those layers'
+value/output maps trainable, loss on the document numbers alone) taught the lookup to write the number; the
+mixture then recovered and kept everything else. The bundled checkpoint is a chain of such runs, each from the
+previous one's checkpoint; its model card lists every stage with its command (``--write-card`` writes it).
 
 The ``rag`` prompt starts with a long fixed preamble (~400 tokens, identical for every question without a
-system message): each step runs it once, without gradient, and every conversation of the step continues
-from its keys and values (``KVCache.update`` with the prefix broadcast over the batch). The loss on a
-conversation covers its reply only (from the first token after ``<|CHATBOT_TOKEN|>`` through
-``<|END_OF_TURN_TOKEN|>``).
-
-Reproduce the bundled checkpoint (from the checkpoint that ``train_tiny.py`` wrote)::
-
-    python scripts/train_tiny.py --out /tmp/tiny-base --threads 1
-    python scripts/train_tiny_rag.py --init /tmp/tiny-base --out workbench/bundled/command-r-tiny
+system message): each full-template step runs it once, without gradient, and every conversation of the step
+continues from its keys and values (``KVCache.update`` with the prefix broadcast over the batch).
 
 Smoke run::
 
@@ -40,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import re
 import shutil
 import sys
@@ -60,6 +60,7 @@ from train_tiny import (Batches, add_optim_args, chat, evaluate, make_optimizer,
                         write_model_card)
 
 from workbench import HookedCommandR  # noqa: E402
+from workbench.hook_names import act_name  # noqa: E402
 from workbench.kv_cache import KVCache  # noqa: E402
 from workbench.tokenizer import Tokenizer  # noqa: E402
 
@@ -91,8 +92,8 @@ class RagBatches:
     every row, and ``c`` [n, Lc] ``<|CHATBOT_TOKEN|>`` + reply + ``<|END_OF_TURN_TOKEN|>`` (right-padded) with
     ``labels`` [n, Lc] (-100 off the reply)."""
 
-    def __init__(self, tok: Tokenizer, n: int, seed: int) -> None:
-        self.tok, self.n = tok, n
+    def __init__(self, tok: Tokenizer, n: int, seed: int, slot_weight: float = 1.0) -> None:
+        self.tok, self.n, self.slot_weight = tok, n, slot_weight
         self.data = RagData(seed)
         self.prefix = shared_prefix(tok)
         ex = RagData(seed).example()
@@ -102,7 +103,7 @@ class RagBatches:
 
     def next(self) -> dict:
         P, B = len(self.prefix), self.instructions
-        a_rows, c_rows, labels = [], [], []
+        a_rows, c_rows, labels, weights = [], [], [], []
         for _ in range(self.n):
             ex = self.data.example()
             prompt = rag_prompt(self.tok, ex)
@@ -112,14 +113,77 @@ class RagBatches:
             a_rows.append(prompt[P:-len(B) - 1])
             c_rows.append(prompt[-1:] + reply)
             labels.append(reply + [-100])                               # label at j = token j + 1
+            weights.append(slot_weights(self.tok, ex, reply, self.slot_weight) + [0.0])
         La, Lc = max(map(len, a_rows)), max(map(len, c_rows))
         a = torch.full((self.n, La), self.tok.pad_token_id)
         c = torch.full((self.n, Lc), self.tok.pad_token_id)
         y = torch.full((self.n, Lc), -100)
-        for i, (ra, rc, lab) in enumerate(zip(a_rows, c_rows, labels)):
+        w = torch.zeros(self.n, Lc)
+        for i, (ra, rc, lab, wt) in enumerate(zip(a_rows, c_rows, labels, weights)):
             a[i, :len(ra)], c[i, :len(rc)], y[i, :len(lab)] = torch.tensor(ra), torch.tensor(rc), torch.tensor(lab)
+            w[i, :len(wt)] = torch.tensor(wt)
         return {"a": a, "a_len": torch.tensor([len(r) for r in a_rows]), "b": torch.tensor(B), "c": c,
-                "c_len": torch.tensor([len(r) for r in c_rows]), "labels": y}
+                "c_len": torch.tensor([len(r) for r in c_rows]), "labels": y, "weights": w}
+
+
+def lookup_targets(tok: Tokenizer, example: dict, prompt: list[int], reply: list[int]) -> list[tuple[int, list[int]]]:
+    """For each document number after 'Relevant Documents: ': (the position in ``prompt + reply`` whose logits
+    predict it, the positions of the person's name inside that document's block of the prompt). Used to supervise
+    one attention head to look up the document that mentions the asked person (see ``attention_lookup_loss``)."""
+    pieces = [tok.decode([t]) for t in prompt]
+    headers = [i for i in range(len(prompt) - 3) if pieces[i:i + 3] == ["D", "o", "c"] and pieces[i - 1] == "\n"]
+    end = next(i for i in range(headers[-1], len(prompt)) if pieces[i] == "<|END_OF_TURN_TOKEN|>")
+    blocks = list(zip(headers, headers[1:] + [end]))
+    assert len(blocks) == len(example["documents"]), "document blocks not found in the prompt"
+    rel = reply_slots(tok, example, reply)["rel"]
+    out = []
+    for j, k in enumerate(rel):
+        doc = example["sources"][j]
+        a, b = blocks[doc]
+        name = example["documents"][doc]["text"].split(" ", 1)[0]
+        where = [i for i in range(a, b) if pieces[i] == " " + name]
+        assert where, f"{name!r} not found in document {doc}"
+        out.append((len(prompt) - 1 + k, where[:1]))                   # the name in the title
+    return out
+
+
+def header_targets(tok: Tokenizer, example: dict, prompt: list[int]) -> list[tuple[int, list[int]]]:
+    """For every document: (position of the person's name in its title, [position of the document's number in its
+    ``Document: i`` header]). Used to supervise one earlier head to carry each document's number onto its name."""
+    pieces = [tok.decode([t]) for t in prompt]
+    headers = [i for i in range(len(prompt) - 3) if pieces[i:i + 3] == ["D", "o", "c"] and pieces[i - 1] == "\n"]
+    out = []
+    for doc, h in enumerate(headers):
+        digit = next(i for i in range(h, len(prompt)) if pieces[i] == str(doc))
+        name = " " + example["documents"][doc]["text"].split(" ", 1)[0]
+        title = next(i for i in range(digit, len(prompt)) if pieces[i] == name)
+        out.append((title, [digit]))
+    return out
+
+
+def attention_lookup_loss(q: torch.Tensor, k: torch.Tensor, head: int, items: list) -> torch.Tensor:
+    """Mean over ``items`` (row, query position, target positions) of -log(attention of ``head`` from the query to
+    the targets), from the layer's rotated queries ``q`` [batch pos head d_head] and keys ``k`` [batch pos kv_head
+    d_head] (causal; the rows are right-padded, so no query sees padding)."""
+    group = q.shape[2] // k.shape[2]
+    losses = []
+    for row, pos, targets in items:
+        scores = k[row, :pos + 1, head // group] @ q[row, pos, head] * q.shape[-1] ** -0.5     # [k_pos]
+        logp = scores.float().log_softmax(-1)
+        losses.append(-torch.logsumexp(logp[targets], 0))
+    return torch.stack(losses).mean()
+
+
+def slot_weights(tok: Tokenizer, example: dict, reply: list[int], weight: float) -> list[float]:
+    """Per reply token: ``weight`` on the tokens that carry the skill (``reply_slots``: document numbers, copied
+    names and facts), 1 elsewhere. Once the fixed reply format is learned (within ~150 steps) most of the loss
+    is on format tokens the model already predicts; weighting the lookup tokens keeps their gradient from being
+    averaged away."""
+    w = [1.0] * len(reply)
+    for where in reply_slots(tok, example, reply).values():
+        for k in where:
+            w[k] = weight
+    return w
 
 
 def compact_prompt(tok: Tokenizer, example: dict) -> list[int]:
@@ -133,27 +197,31 @@ def compact_prompt(tok: Tokenizer, example: dict) -> list[int]:
 
 
 class CompactBatches:
-    """Per step: ``n`` short rag rows (``compact_prompt`` + reply), right-padded ``[n, T]`` with labels on the reply:
-    the same lookup and citation skill at short range, many conversations per step for little compute."""
+    """Per step: ``n`` short rag rows (``compact_prompt`` + reply), right-padded ``[n, T]`` with labels and loss
+    weights on the reply: the same lookup and citation skill at short range, many conversations per step."""
 
-    def __init__(self, tok: Tokenizer, n: int, seed: int) -> None:
-        self.tok, self.n = tok, n
+    def __init__(self, tok: Tokenizer, n: int, seed: int, slot_weight: float = 1.0) -> None:
+        self.tok, self.n, self.slot_weight = tok, n, slot_weight
         self.data = RagData(seed)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, labels = [], []
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list]:
+        rows, labels, weights, lookups, carries = [], [], [], [], []
         for _ in range(self.n):
             ex = self.data.example()
             prompt = compact_prompt(self.tok, ex)
             reply = self.tok.encode(ex["response"], add_special_tokens=False) + [self.tok.eos_token_id]
             rows.append(prompt + reply)
             labels.append([-100] * (len(prompt) - 1) + reply + [-100])
+            weights.append([0.0] * (len(prompt) - 1) + slot_weights(self.tok, ex, reply, self.slot_weight) + [0.0])
+            lookups += [(len(rows) - 1, pos, where) for pos, where in lookup_targets(self.tok, ex, prompt, reply)]
+            carries += [(len(rows) - 1, pos, where) for pos, where in header_targets(self.tok, ex, prompt)]
         T = max(map(len, rows))
         x = torch.full((self.n, T), self.tok.pad_token_id)
         y = torch.full((self.n, T), -100)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            x[i, :len(r)], y[i, :len(lab)] = torch.tensor(r), torch.tensor(lab)
-        return x, y
+        w = torch.zeros(self.n, T)
+        for i, (r, lab, wt) in enumerate(zip(rows, labels, weights)):
+            x[i, :len(r)], y[i, :len(lab)], w[i, :len(wt)] = torch.tensor(r), torch.tensor(lab), torch.tensor(wt)
+        return x, y, w, lookups, carries
 
 
 class MiniBatches:
@@ -174,6 +242,53 @@ class MiniBatches:
                 b = self.tok.encode(rest, add_special_tokens=False)
                 x += a + b
                 y += [-100] * len(a) + b
+            xs.append(x[:self.row_len + 1])
+            ys.append(y[1:self.row_len + 1])                          # label at j = token j + 1
+        return torch.tensor(xs)[:, :-1], torch.tensor(ys)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` [n pos vocab] against ``labels`` [n pos] (-100: none), weighted per token."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [n pos]
+    return (ce * weights).sum() / weights.sum()
+
+
+class IndexBatches:
+    """Per step: ``n`` rows of ``row_len`` tokens packed with document-number drills: a ``rag`` results block exactly
+    as the template renders it (``<results>\nDocument: 0\ntitle: ...\ntext: ...\n...</results>``), then one line
+    per person named in it, in random order, ``Documents about Iris: 0,2`` (labels on the numbers only). Every
+    line is the lookup that 'Relevant Documents:' needs (the documents that mention a person), with the person given
+    right before it: several lookups per block, a dense signal for the hardest step of the reply."""
+
+    def __init__(self, tok: Tokenizer, n: int, seed: int, row_len: int = 256) -> None:
+        self.tok, self.n, self.row_len = tok, n, row_len
+        self.data = RagData(seed)
+        self.rng = random.Random(seed)
+
+    def segment(self) -> tuple[list[int], list[int]]:
+        docs = self.data.example()["documents"]
+        block = "".join(f"\nDocument: {i}\n" + "".join(f"{k}: {v}\n" for k, v in d.items()) for i, d in enumerate(docs))
+        head = self.tok.encode("<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><results>" + block
+                               + "</results><|END_OF_TURN_TOKEN|>", add_special_tokens=False)
+        owners: dict = {}
+        for i, d in enumerate(docs):
+            owners.setdefault(d["text"].split(" ", 1)[0], []).append(i)
+        x, y = list(head), [-100] * len(head)
+        for name in self.rng.sample(sorted(owners), len(owners)):
+            q = self.tok.encode(f"\nDocuments about {name}:", add_special_tokens=False)
+            a = self.tok.encode(" " + ",".join(map(str, owners[name])), add_special_tokens=False)
+            x += q + a
+            y += [-100] * len(q) + a
+        return x, y
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(self.n):
+            x, y = [], []
+            while len(x) < self.row_len + 1:
+                a, b = self.segment()
+                x += [self.tok.bos_token_id] + a
+                y += [-100] + b
             xs.append(x[:self.row_len + 1])
             ys.append(y[1:self.row_len + 1])                          # label at j = token j + 1
         return torch.tensor(xs)[:, :-1], torch.tensor(ys)
@@ -235,7 +350,7 @@ def grade(response: str, example: dict) -> dict:
 
 @torch.no_grad()
 def rag_accuracy(model: HookedCommandR, tok: Tokenizer, n: int, seed: int = HELD_OUT_SEED,
-                 max_new: int = 90, batch: int = 8, compact: bool = False) -> dict:
+                 max_new: int = 128, batch: int = 8, compact: bool = False) -> dict:
     """Greedy replies to ``n`` held-out questions; fraction answered from the right document(s) and citing them."""
     data = RagData(seed)
     examples = [data.example() for _ in range(n)]
@@ -265,6 +380,46 @@ def rag_accuracy(model: HookedCommandR, tok: Tokenizer, n: int, seed: int = HELD
                          for ex, r in list(zip(examples, replies))[:4]]}
 
 
+def reply_slots(tok: Tokenizer, example: dict, reply: list[int]) -> dict[str, list[int]]:
+    """Indices into ``reply`` of the tokens that carry the skill: ``rel`` the document numbers after
+    'Relevant Documents: ', ``name`` the first token of the Answer (the person, copied from the question),
+    ``fact`` the copied values in the Answer line, ``cite`` the numbers inside the grounded answer's ``<co: ...>``."""
+    text = example["response"]
+    ends = [len(tok.decode(reply[:k + 1])) for k in range(len(reply))]
+    starts = [0] + ends[:-1]
+
+    def overlapping(a: int, b: int) -> list[int]:
+        return [k for k in range(len(reply)) if starts[k] < b and ends[k] > a]
+
+    rel_a = len("Relevant Documents: ")
+    answer = text.index("Answer: ") + len("Answer: ")
+    grounded = text.index("Grounded answer:")
+    slots = {"rel": overlapping(rel_a, text.index("\n")), "name": overlapping(answer, answer + 1),
+             "fact": [k for v in example["facts"] for k in overlapping(text.index(v, answer), text.index(v, answer) + len(v))],
+             "cite": [k for m in re.finditer(r"<co: ([0-9,]+)>", text[grounded:])
+                      for k in overlapping(grounded + m.start(1), grounded + m.end(1))],
+             "gname": [k for m in re.finditer(r"<co: [0-9,]+>", text[grounded:])
+                       for k in overlapping(grounded + m.end(), grounded + m.end() + 1)]}
+    return {k: [i for i in v if tok.decode(reply[i:i + 1]).strip(" ,")] for k, v in slots.items()}
+
+
+@torch.no_grad()
+def probe(model: HookedCommandR, tok: Tokenizer, n: int, seed: int, compact: bool) -> dict:
+    """Teacher-forced accuracy of the next-token argmax at each kind of skill token (``reply_slots``) over ``n``
+    held-out conversations: a smoother signal than greedy replies while the lookup is being learned."""
+    data = RagData(seed)
+    hits: dict = {k: [] for k in ("rel", "name", "fact", "cite", "gname")}
+    for _ in range(n):
+        ex = data.example()
+        prompt = (compact_prompt if compact else rag_prompt)(tok, ex)
+        reply = tok.encode(ex["response"], add_special_tokens=False)
+        logits = model(torch.tensor([prompt + reply]))[0]                     # [pos vocab]
+        pred = logits[len(prompt) - 1:-1].argmax(-1).tolist()                 # prediction of reply token k
+        for kind, where in reply_slots(tok, ex, reply).items():
+            hits[kind] += [pred[k] == reply[k] for k in where]
+    return {k: round(sum(v) / max(len(v), 1), 3) for k, v in hits.items()}
+
+
 # ----------------------------------------------------------------------------------------- training
 def save(model: HookedCommandR, init: str, out: str) -> None:
     """Float16 weights + config + generation_config + the (unchanged) tokenizer files."""
@@ -277,6 +432,64 @@ def save(model: HookedCommandR, init: str, out: str) -> None:
             shutil.copyfile(src, os.path.join(out, name))
 
 
+def boost_value_output(opt: torch.optim.Optimizer, model: HookedCommandR, layers: list[int], mult: float) -> None:
+    """Move the value and output projections of ``layers`` into their own parameter group with ``mult`` x the
+    learning rate. Once a head attends to the right document, its value/output maps must learn to read the
+    document's number there and write it as a logit; at the base rate that took hundreds of steps (a test with
+    only those maps trainable: chance after 60 steps at 1e-3, 60 % at 1e-2)."""
+    chosen = {id(p) for n, p in model.named_parameters()
+              if any(n.startswith(f"blocks.{i}.attn.{w}") for i in set(layers) for w in ("v_proj", "o_proj"))}
+    decay = opt.param_groups[0]
+    fast = [p for p in decay["params"] if id(p) in chosen]
+    decay["params"] = [p for p in decay["params"] if id(p) not in chosen]
+    opt.add_param_group({"params": fast, "weight_decay": decay["weight_decay"], "lr_mult": mult})
+
+
+def readout_stage(model: HookedCommandR, tok: Tokenizer, args) -> list:
+    """Train only the value/output projections of the lookup and carry layers, on the loss of the 'Relevant
+    Documents' numbers alone (Adam, ``args.readout_lr``, ``args.readout_steps`` steps of ``args.compact_batch``
+    compact rows). With the two heads already attending to the right places, this teaches the maps that read the
+    document's number from the attended name and write it as a logit, without the rest of the mixture pulling
+    the same weights elsewhere. Returns the probe rows."""
+    layers = {args.lookup_layer, args.carry_layer}
+    chosen = [p for n, p in model.named_parameters()
+              if any(n.startswith(f"blocks.{i}.attn.{w}") for i in layers for w in ("v_proj", "o_proj"))]
+    frozen = [p for p in model.parameters() if all(p is not c for c in chosen)]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(chosen, lr=args.readout_lr)
+    data, rows = CompactBatches(tok, args.compact_batch, args.seed + 60, 1.0), []
+    for step in range(args.readout_steps):
+        x, y, _, _, _ = data.next()
+        rel = torch.zeros_like(y, dtype=torch.float32)
+        for row in range(len(x)):                 # weights on the rel numbers only (their labels follow the prompt)
+            text = tok.decode(x[row].tolist())
+            start = text.index("<|CHATBOT_TOKEN|>")
+            pieces = [tok.decode([t]) for t in x[row].tolist()]
+            pos = len(tok.decode(x[row, :1].tolist()))
+            for j in range(1, x.shape[1]):
+                if pos >= start and pieces[j].isdigit():
+                    line_start = max(text.rfind("\n", 0, pos) + 1, start + len("<|CHATBOT_TOKEN|>"))
+                    if text[line_start:pos].startswith("Relevant Documents:"):
+                        rel[row, j - 1] = 1.0
+                pos += len(pieces[j])
+        assert rel.sum() > 0, "no 'Relevant Documents' numbers found in the readout batch"
+        loss = weighted_loss(model(x), y, rel)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % args.probe_every == 0 or step + 1 == args.readout_steps:
+            model.eval()
+            row = {"readout_step": step + 1, "loss": round(loss.item(), 4),
+                   **probe(model, tok, args.probe_n, HELD_OUT_SEED + 2, compact=True)}
+            model.train()
+            rows.append(row)
+            print("readout", row, flush=True)
+    for p in frozen:
+        p.requires_grad_(True)
+    return rows
+
+
 def train(args) -> dict:
     setup_torch(args)
     tok = Tokenizer.from_pretrained(args.init)
@@ -284,47 +497,76 @@ def train(args) -> dict:
     model.train()
     model.attn_impl = "fused"
     cfg = model.cfg
+    readout = readout_stage(model, tok, args) if args.readout_steps else []
     opt = make_optimizer(model, args)
+    if args.ov_lr_mult != 1.0:
+        boost_value_output(opt, model, [args.lookup_layer, args.carry_layer], args.ov_lr_mult)
     old = Batches(tok, cfg.vocab_size, 128, args.old_batch, 0.75, args.seed + 10, (8, 30), 64)
-    rag = RagBatches(tok, args.rag_batch, args.seed + 20)
-    compact = CompactBatches(tok, args.compact_batch, args.seed + 30)
+    rag = RagBatches(tok, args.rag_batch, args.seed + 20, args.slot_weight)
+    compact = CompactBatches(tok, args.compact_batch, args.seed + 30, args.slot_weight)
     run_c = None
     mini, run_m = MiniBatches(tok, args.mini_batch, args.seed + 40), None
+    index, run_i = IndexBatches(tok, args.index_batch, args.seed + 50), None
+    run_a = None
     eval_tokens = repeated_tokens(cfg.vocab_size, tok.bos_token_id, 20, 8, seed=99)
-    history, t0, run_old, run_rag = [], time.time(), None, None
+    history, t0, run_old, run_rag, step = [], time.time(), None, None, -1
     for step in range(args.steps):
         start_step(opt, step, args)
         lo = mixture_backward(model, old.next())
-        batch = rag.next()
-        logits = rag_logits(model, rag.prefix, batch)                     # [batch pos vocab]
-        rag_loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), batch["labels"].reshape(-1),
-                                   ignore_index=-100)
-        (args.rag_weight * rag_loss).backward()
+        if args.full_every and step % args.full_every == 0:
+            batch = rag.next()
+            logits = rag_logits(model, rag.prefix, batch)                 # [batch pos vocab]
+            rag_loss = weighted_loss(logits, batch["labels"], batch["weights"])
+            (args.rag_weight * rag_loss).backward()
+            lr_ = rag_loss.item()
+            run_rag = lr_ if run_rag is None else 0.95 * run_rag + 0.05 * lr_
         if args.mini_batch:
             x, y = mini.next()
             m_loss = F.cross_entropy(model(x).float().reshape(-1, cfg.vocab_size), y.reshape(-1), ignore_index=-100)
             m_loss.backward()
             run_m = m_loss.item() if run_m is None else 0.95 * run_m + 0.05 * m_loss.item()
+        if args.index_batch:
+            x, y = index.next()
+            i_loss = F.cross_entropy(model(x).float().reshape(-1, cfg.vocab_size), y.reshape(-1), ignore_index=-100)
+            (args.index_weight * i_loss).backward()
+            run_i = i_loss.item() if run_i is None else 0.95 * run_i + 0.05 * i_loss.item()
         if args.compact_batch:
-            x, y = compact.next()
-            c_loss = F.cross_entropy(model(x).float().reshape(-1, cfg.vocab_size), y.reshape(-1), ignore_index=-100)
+            x, y, w, lookups, carries = compact.next()
+            if args.lookup_weight:
+                seen: dict = {}
+                names = [act_name(kind, layer) for layer in (args.lookup_layer, args.carry_layer)
+                         for kind in ("rot_q", "rot_k")]
+                logits = model.run_with_hooks(x, fwd_hooks=[(n, lambda t, hook: seen.__setitem__(hook.name, t))
+                                                            for n in names])
+                a_loss = attention_lookup_loss(seen[names[0]], seen[names[1]], args.lookup_head, lookups)
+                if args.carry_weight:
+                    a_loss = a_loss + args.carry_weight * attention_lookup_loss(seen[names[2]], seen[names[3]],
+                                                                                args.carry_head, carries)
+                c_loss = weighted_loss(logits, y, w) + args.lookup_weight * a_loss
+                run_a = a_loss.item() if run_a is None else 0.95 * run_a + 0.05 * a_loss.item()
+            else:
+                c_loss = weighted_loss(model(x), y, w)
             (args.compact_weight * c_loss).backward()
             run_c = c_loss.item() if run_c is None else 0.95 * run_c + 0.05 * c_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        lr_ = rag_loss.item()
         run_old = lo if run_old is None else 0.95 * run_old + 0.05 * lo
-        run_rag = lr_ if run_rag is None else 0.95 * run_rag + 0.05 * lr_
         if (step + 1) % args.log_every == 0:
-            print(f"step {step + 1} old {run_old:.4f} rag {run_rag:.4f} compact {run_c or 0:.4f} mini {run_m or 0:.4f} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(f"step {step + 1} old {run_old:.4f} rag {run_rag or 0:.4f} compact {run_c or 0:.4f} "
+                  f"mini {run_m or 0:.4f} index {run_i or 0:.4f} lookup {run_a or 0:.4f} {time.time() - t0:.0f}s", flush=True)
+        if args.probe_every and (step + 1) % args.probe_every == 0:
+            model.eval()
+            short = probe(model, tok, args.probe_n, HELD_OUT_SEED + 2, compact=True)
+            full = probe(model, tok, max(args.probe_n // 4, 2), HELD_OUT_SEED + 2, compact=False)
+            print(f"probe step {step + 1} compact {short} full {full}", flush=True)
+            model.train()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
             model.attn_impl = "explicit"
             m = structure_metrics(model, eval_tokens, 20)
             acc = rag_accuracy(model, tok, args.eval_n, seed=HELD_OUT_SEED + 1)   # not the test's questions
             short = rag_accuracy(model, tok, args.eval_n, seed=HELD_OUT_SEED + 1, compact=True)
-            row = {"step": step + 1, "old_loss": round(run_old, 4), "rag_loss": round(run_rag, 4),
+            row = {"step": step + 1, "old_loss": round(run_old, 4), "rag_loss": round(run_rag or 0, 4),
                    "time_s": round(time.time() - t0, 1), "rag_accuracy": acc["accuracy"],
                    "rag_facts": acc["facts"], "rag_cites": acc["cites"], "compact_accuracy": short["accuracy"],
                    **structure_row(m)}
@@ -339,7 +581,7 @@ def train(args) -> dict:
             break
     model.eval()
     save(model, args.init, args.out)
-    report = {"history": history, "train_time_s": round(time.time() - t0, 1), "steps_done": step + 1,
+    report = {"history": history, "train_time_s": round(time.time() - t0, 1), "steps_done": step + 1, "readout": readout,
               "args": vars(args)}
     with open(os.path.join(args.ckpt, "finetune_report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -360,25 +602,31 @@ def base_report(card: str) -> dict:
     return {"history": history, "train_time_s": minutes * 60, "final_train_loss": history[-1]["loss"], "args": args}
 
 
-def write_card(out: str, base_card: str, reports: list, command: str) -> dict:
+def write_card(out: str, base_card: str, reports: list) -> dict:
     """Measure the saved checkpoint ``out`` and write its MODEL_CARD.md (base run + fine-tuning + rag numbers).
-    ``reports``: the fine-tuning reports in order (a run resumed from another's checkpoint continues its steps)."""
+    ``reports``: the fine-tuning reports of the stages in order, each continuing from the previous one's checkpoint
+    (``resume_step``: the step of the combined history it continued from; ``stage``: what it changed;
+    ``command``: how it was run)."""
     report = base_report(base_card)
     model = HookedCommandR.from_pretrained(out, dtype=torch.float32)
     report["n_params"] = sum(p.numel() for p in model.parameters())
     report.update(evaluate(out, 0))
     tok = Tokenizer.from_pretrained(out)
     acc = rag_accuracy(model, tok, 100, seed=HELD_OUT_SEED)
-    history, offset, seconds = [], 0, 0.0
+    history, offset, seconds, stages = [], 0, 0.0, []
     for r in reports:
         upto = r.get("resume_step")                       # the earlier run's rows after it are not in the model
         if upto is not None:
             history = [h for h in history if h["step"] <= upto]
-            offset, seconds = upto, next(h["time_s"] for h in history if h["step"] == upto)
+            offset = upto
+            seconds = next((h["time_s"] for h in history if h["step"] == upto), seconds)
         history += [{**h, "step": h["step"] + offset, "time_s": h["time_s"] + seconds} for h in r["history"]]
         offset, seconds = history[-1]["step"], history[-1]["time_s"]
-    report["rag"] = {**acc, "history": history, "args": reports[-1]["args"], "steps": history[-1]["step"],
-                     "minutes": history[-1]["time_s"] / 60, "command": command}
+        stages.append({"steps": r["steps_done"], "what": r["stage"]})
+    last = reports[-1]["args"]
+    report["rag"] = {**acc, "history": history, "args": last, "steps": history[-1]["step"], "stages": stages,
+                     "minutes": history[-1]["time_s"] / 60, "command": "\n".join(r["command"] for r in reports),
+                     "lookup": (last["lookup_layer"], last["lookup_head"]), "carry": (last["carry_layer"], last["carry_head"])}
     write_model_card(out, report)
     return report
 
@@ -393,7 +641,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this much wall time (0: never)")
     ap.add_argument("--old-batch", type=int, default=8, help="rows of the original mixture per step (a quarter natural)")
-    ap.add_argument("--rag-batch", type=int, default=4, help="rag conversations per step")
+    ap.add_argument("--rag-batch", type=int, default=4, help="rag conversations per full-template step")
+    ap.add_argument("--full-every", type=int, default=1, help="run the full-template rows every N steps (0: never)")
+    ap.add_argument("--probe-every", type=int, default=50, help="teacher-forced skill probe every N steps (0: never)")
+    ap.add_argument("--probe-n", type=int, default=32)
+    ap.add_argument("--index-batch", type=int, default=0, help="256-token rows of document-number drills per step")
+    ap.add_argument("--index-weight", type=float, default=1.0)
+    ap.add_argument("--lookup-weight", type=float, default=0.0,
+                    help="weight of the attention-lookup loss (one head attends from each 'Relevant Documents' number "
+                         "to the asked person's name in that document)")
+    ap.add_argument("--lookup-layer", type=int, default=3)
+    ap.add_argument("--lookup-head", type=int, default=0)
+    ap.add_argument("--carry-weight", type=float, default=0.0,
+                    help="weight of the loss that has one earlier head attend from each title's name to its "
+                         "document's number")
+    ap.add_argument("--carry-layer", type=int, default=2)
+    ap.add_argument("--readout-steps", type=int, default=0,
+                    help="first train only the lookup/carry layers' value/output maps on the document numbers")
+    ap.add_argument("--readout-lr", type=float, default=1e-2)
+    ap.add_argument("--ov-lr-mult", type=float, default=1.0,
+                    help="learning-rate multiplier on the value/output projections of the lookup and carry layers")
+    ap.add_argument("--carry-head", type=int, default=0)
+    ap.add_argument("--slot-weight", type=float, default=1.0,
+                    help="loss weight on the reply's lookup tokens (document numbers, copied names and facts)")
     ap.add_argument("--rag-weight", type=float, default=1.0)
     ap.add_argument("--compact-batch", type=int, default=12, help="short rag rows (no preamble) per step")
     ap.add_argument("--compact-weight", type=float, default=1.0)
@@ -402,7 +672,14 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=16)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--write-card", nargs="+", metavar="REPORT",
+                    help="instead of training: measure --out and write its MODEL_CARD.md from these stage reports "
+                         "(finetune_report.json files, in order) and the base card --init/MODEL_CARD.md")
     args = ap.parse_args()
+    if args.write_card:
+        base = open(os.path.join(args.init, "MODEL_CARD.md")).read()
+        write_card(args.out, base, [json.load(open(f)) for f in args.write_card])
+        return
     os.makedirs(args.ckpt, exist_ok=True)
     train(args)
 

@@ -87,7 +87,10 @@ def test_atp_and_ig_track_exact_patching_on_induction(tiny, induction, exact_map
     assert rank_of(atp, top) < 3
     assert rank_of(ig, top) < 3
     err = lambda est: ((est - exact).norm() / exact.norm()).item()   # noqa: E731
-    assert err(ig) <= err(atp)                                        # IG follows the curvature AtP misses
+    if kind == "resid_pre":                                           # IG follows the curvature AtP misses
+        assert err(ig) < 0.5 * err(atp)
+    else:   # per head both are first-order in the other heads (IG moves them all at once): no worse than AtP
+        assert err(ig) <= 1.02 * err(atp)
     if kind == "z":
         layer, head = divmod(top, tiny.cfg.n_heads)
         assert layer in (2, 3)                                        # the induction heads

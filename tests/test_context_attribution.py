@@ -162,12 +162,6 @@ def test_ablation_finds_the_document_a_copied_reply_depends_on(model, tok):
     assert hits >= 8, f"source first in {hits}/10"
 
 
-RAG_SHORTFALL = ("the bundled command-r-tiny was not fine-tuned to the grounded-answering bar (see scripts/train_tiny_rag.py): "
-                 "it does not read the documents of a rag prompt, so no method can single out the source; passes "
-                 "once a checkpoint that meets the bar is bundled")
-
-
-@pytest.mark.xfail(reason=RAG_SHORTFALL, strict=False)
 @pytest.mark.parametrize("method", ["ablation", "attention", "gradient"])
 def test_true_source_document_ranks_first(model, tok, method):
     cases = held_out(10, "single")

@@ -206,7 +206,7 @@ def test_kv_cache_rolled_back_on_error_and_prefix_checked(model):
             model.run_with_hooks(ids[:, 5:7], kv_cache=cache, fwd_hooks=[("blocks.3.attn.hook_z", fail)])
         assert cache.seen == 5 and all(cache.length(i) == 5 for i in range(cache.n_layers))
         rest = model(ids[:, 5:], kv_cache=cache)                    # continues as if nothing happened
-    torch.testing.assert_close(rest, full[:, 5:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rest, full[:, 5:], rtol=1e-4, atol=1e-4)   # fp32 noise of cached vs whole; a broken rollback is O(1)
 
     prefix = KVCache.for_model(model)
     with torch.no_grad():

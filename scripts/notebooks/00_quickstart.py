@@ -217,9 +217,11 @@ grounded_generation_prompt = tokenizer.apply_grounded_generation_template(
 print(grounded_generation_prompt)
 
 # %% [markdown]
-# Both prompts are ordinary token sequences: tokenize and generate exactly as above (a real Command-R
-# answers with an `Action:` JSON list, or a `Grounded answer:` with citations; the tiny model was not
-# trained on these formats).
+# Both prompts are ordinary token sequences: tokenize and generate exactly as above. A real Command-R answers
+# with an `Action:` JSON list, or with relevant and cited documents, an answer and a `Grounded answer:` with
+# `<co: doc>` citations. The tiny model was never trained on tool use; it was fine-tuned on the `rag` format
+# with short synthetic documents about people ("Alice lives in Paris."), so it writes the grounded-answer format
+# here, but penguins are outside what it knows (`06_rag_lens` uses questions it can answer).
 
 # %%
 rag_ids = tokenizer.apply_grounded_generation_template(conversation, documents=documents, tokenize=True,
@@ -227,7 +229,7 @@ rag_ids = tokenizer.apply_grounded_generation_template(conversation, documents=d
 tool_ids = tokenizer.apply_tool_use_template(conversation, tools=tools, tokenize=True,
                                              add_generation_prompt=True, return_tensors="pt")
 print("tool_use prompt:", tool_ids.shape[1], "tokens | rag prompt:", rag_ids.shape[1], "tokens")
-out = model.generate(rag_ids.to(model.device), max_new_tokens=20)
+out = model.generate(rag_ids.to(model.device), max_new_tokens=60)
 print(repr(tokenizer.decode(out[0, rag_ids.shape[1]:])))
 
 # %% [markdown]

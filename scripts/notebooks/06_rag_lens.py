@@ -10,11 +10,13 @@
 # * **ablation**: how much the span's log-probability drops when the document is removed (exact
 #   leave-one-out; with `n_ablations=k`, a sparse linear surrogate fitted on k random subsets, as ContextCite);
 # * **attention**: attention mass from the span's tokens to the document, averaged over layers and heads;
-# * **gradient**: gradient × input of the span's log-probability at the embeddings, summed per document.
+# * **gradient**: gradient × input of the span's log-probability at the embeddings: per token the magnitude
+#   |g · x|, summed per document (signed sums cancel inside a document; they are in `details["signed"]`).
 #
 # The lens works on any reply: the model's own greedy one, or a reply you pass in (a reference answer, another
-# model's). The bundled tiny model's fine-tuning for grounded answering is still short of its bar (see its
-# model card), so when its greedy reply is not in the rag format this notebook scores a reference reply instead.
+# model's). The bundled tiny model was fine-tuned for grounded answering on short synthetic documents about people
+# (its model card gives its held-out accuracy); when a model's greedy reply is not in the rag format (another
+# checkpoint, or a question outside what it knows) this notebook scores a reference reply instead.
 
 # %%
 import os

@@ -9,7 +9,8 @@ and scores every (span, document) pair with one of three methods (see ``context_
 * ``"attention"``: attention mass from the span's tokens to the document, layers and heads averaged
   (``details["per_layer_head"]`` keeps the breakdown); computed by ``attention_to_spans`` from the span's
   query rows only, so memory stays O(span tokens x prompt) at long context;
-* ``"gradient"``: gradient x input of the span's log-probability at ``hook_embed``, summed per document.
+* ``"gradient"``: gradient x input of the span's log-probability at ``hook_embed``: per token the magnitude
+  |g . x|, summed per document (the signed sums are in ``details["signed"]``).
 
 The model's own claims come from its citation markup (``<co: 0,2>...</co: 0,2>``): ``model_citations``
 ``[n_spans n_documents]``, and ``agreement`` = the share of citing spans whose top-scored document is

@@ -12,8 +12,9 @@ plus a dict of details.
 * ``attention_scores``: attention from the tokens that predict the span to each document's tokens,
   averaged over the span's queries, layers and heads (breakdown ``[n_spans n_documents layer head]``);
   computed by ``attention_to_spans`` (rows of the span's queries only: bounded memory at long context).
-* ``gradient_scores``: gradient x input of the span's log-probability at ``hook_embed``, summed over each
-  document's tokens and ``d_model``; one backward for all spans (the sequence is repeated once per span).
+* ``gradient_scores``: gradient x input of the span's log-probability at ``hook_embed``: per token |g . x| (the dot
+  product over ``d_model``), summed over each document's tokens; one backward for all spans (the sequence is
+  repeated once per span).
 
 Example::
 
@@ -227,7 +228,11 @@ def attention_scores(model, prompt, response_ids: list, spans: list) -> tuple[to
 
 # ----------------------------------------------------------------------------------------- gradient
 def gradient_scores(model, prompt, response_ids: list, spans: list) -> tuple[torch.Tensor, dict]:
-    """Gradient x input of each span's log-probability at ``hook_embed``, summed per document (one backward)."""
+    """Gradient x input of each span's log-probability at ``hook_embed`` (one backward): per token the magnitude
+    |g . x| of its first-order contribution, summed per document. Signed contributions cancel within a document
+    (the name a lookup reads and the fact it copies pull in different directions), which on the bundled model put
+    the source first in a third of held-out cases against five in six for the magnitudes; the signed per-token
+    values and per-document sums are kept in the details (``per_token``, ``signed``)."""
     t0 = time.perf_counter()
     device = model.device
     P, R, S = len(prompt.ids), len(response_ids), len(spans)
@@ -245,5 +250,7 @@ def gradient_scores(model, prompt, response_ids: list, spans: list) -> tuple[tor
         total = (lp * span_token_mask(spans, R).to(device)).sum()
         (grad,) = torch.autograd.grad(total, store["x"])
     contrib = (grad.float() * store["x"].detach().float()).sum(-1).cpu()   # [span pos]
-    scores = torch.stack([contrib[:, r.start:r.end].sum(-1) for r in prompt.ranges], dim=1)
-    return scores, {"per_token": contrib, "forward_equivalents": 3.0 * S, "seconds": time.perf_counter() - t0}
+    scores = torch.stack([contrib[:, r.start:r.end].abs().sum(-1) for r in prompt.ranges], dim=1)
+    signed = torch.stack([contrib[:, r.start:r.end].sum(-1) for r in prompt.ranges], dim=1)
+    return scores, {"per_token": contrib, "signed": signed, "forward_equivalents": 3.0 * S,
+                    "seconds": time.perf_counter() - t0}
