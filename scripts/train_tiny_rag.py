@@ -126,39 +126,33 @@ class RagBatches:
                 "c_len": torch.tensor([len(r) for r in c_rows]), "labels": y, "weights": w}
 
 
-def lookup_targets(tok: Tokenizer, example: dict, prompt: list[int], reply: list[int]) -> list[tuple[int, list[int]]]:
-    """For each document number after 'Relevant Documents: ': (the position in ``prompt + reply`` whose logits
-    predict it, the positions of the person's name inside that document's block of the prompt). Used to supervise
-    one attention head to look up the document that mentions the asked person (see ``attention_lookup_loss``)."""
+def title_names(tok: Tokenizer, example: dict, prompt: list[int]) -> list[tuple[int, int]]:
+    """For every document of ``prompt``: (position of its number in the ``Document: i`` header, position of the
+    person's name in its title, the name's first occurrence after the number)."""
     pieces = [tok.decode([t]) for t in prompt]
     headers = [i for i in range(len(prompt) - 3) if pieces[i:i + 3] == ["D", "o", "c"] and pieces[i - 1] == "\n"]
-    end = next(i for i in range(headers[-1], len(prompt)) if pieces[i] == "<|END_OF_TURN_TOKEN|>")
-    blocks = list(zip(headers, headers[1:] + [end]))
-    assert len(blocks) == len(example["documents"]), "document blocks not found in the prompt"
-    rel = reply_slots(tok, example, reply)["rel"]
+    assert len(headers) == len(example["documents"]), "document headers not found in the prompt"
     out = []
-    for j, k in enumerate(rel):
-        doc = example["sources"][j]
-        a, b = blocks[doc]
-        name = example["documents"][doc]["text"].split(" ", 1)[0]
-        where = [i for i in range(a, b) if pieces[i] == " " + name]
-        assert where, f"{name!r} not found in document {doc}"
-        out.append((len(prompt) - 1 + k, where[:1]))                   # the name in the title
+    for doc, h in enumerate(headers):
+        digit = next(i for i in range(h, len(prompt)) if pieces[i] == str(doc))
+        name = " " + example["documents"][doc]["text"].split(" ", 1)[0]
+        out.append((digit, next(i for i in range(digit, len(prompt)) if pieces[i] == name)))
     return out
+
+
+def lookup_targets(tok: Tokenizer, example: dict, prompt: list[int], reply: list[int]) -> list[tuple[int, list[int]]]:
+    """For each document number after 'Relevant Documents: ': (the position in ``prompt + reply`` whose logits
+    predict it, [the position of the person's name in that document's title]). Used to supervise one attention
+    head to look up the document that mentions the asked person (see ``attention_lookup_loss``)."""
+    titles = title_names(tok, example, prompt)
+    rel = reply_slots(tok, example, reply)["rel"]
+    return [(len(prompt) - 1 + k, [titles[doc][1]]) for k, doc in zip(rel, example["sources"])]
 
 
 def header_targets(tok: Tokenizer, example: dict, prompt: list[int]) -> list[tuple[int, list[int]]]:
     """For every document: (position of the person's name in its title, [position of the document's number in its
     ``Document: i`` header]). Used to supervise one earlier head to carry each document's number onto its name."""
-    pieces = [tok.decode([t]) for t in prompt]
-    headers = [i for i in range(len(prompt) - 3) if pieces[i:i + 3] == ["D", "o", "c"] and pieces[i - 1] == "\n"]
-    out = []
-    for doc, h in enumerate(headers):
-        digit = next(i for i in range(h, len(prompt)) if pieces[i] == str(doc))
-        name = " " + example["documents"][doc]["text"].split(" ", 1)[0]
-        title = next(i for i in range(digit, len(prompt)) if pieces[i] == name)
-        out.append((title, [digit]))
-    return out
+    return [(title, [digit]) for digit, title in title_names(tok, example, prompt)]
 
 
 def attention_lookup_loss(q: torch.Tensor, k: torch.Tensor, head: int, items: list) -> torch.Tensor:
@@ -174,14 +168,15 @@ def attention_lookup_loss(q: torch.Tensor, k: torch.Tensor, head: int, items: li
     return torch.stack(losses).mean()
 
 
-def slot_weights(tok: Tokenizer, example: dict, reply: list[int], weight: float) -> list[float]:
+def slot_weights(tok: Tokenizer, example: dict, reply: list[int], weight: float, base: float = 1.0,
+                 kinds: tuple | None = None) -> list[float]:
     """Per reply token: ``weight`` on the tokens that carry the skill (``reply_slots``: document numbers, copied
-    names and facts), 1 elsewhere. Once the fixed reply format is learned (within ~150 steps) most of the loss
+    names and facts; only the slot ``kinds`` when given), ``base`` elsewhere. Once the fixed reply format is learned (within ~150 steps) most of the loss
     is on format tokens the model already predicts; weighting the lookup tokens keeps their gradient from being
     averaged away."""
-    w = [1.0] * len(reply)
-    for where in reply_slots(tok, example, reply).values():
-        for k in where:
+    w = [base] * len(reply)
+    for kind, where in reply_slots(tok, example, reply).items():
+        for k in where if kinds is None or kind in kinds else []:
             w[k] = weight
     return w
 
@@ -200,8 +195,9 @@ class CompactBatches:
     """Per step: ``n`` short rag rows (``compact_prompt`` + reply), right-padded ``[n, T]`` with labels and loss
     weights on the reply: the same lookup and citation skill at short range, many conversations per step."""
 
-    def __init__(self, tok: Tokenizer, n: int, seed: int, slot_weight: float = 1.0) -> None:
-        self.tok, self.n, self.slot_weight = tok, n, slot_weight
+    def __init__(self, tok: Tokenizer, n: int, seed: int, slot_weight: float = 1.0, base: float = 1.0,
+                 kinds: tuple | None = None) -> None:
+        self.tok, self.n, self.weights = tok, n, {"weight": slot_weight, "base": base, "kinds": kinds}
         self.data = RagData(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, list]:
@@ -212,7 +208,7 @@ class CompactBatches:
             reply = self.tok.encode(ex["response"], add_special_tokens=False) + [self.tok.eos_token_id]
             rows.append(prompt + reply)
             labels.append([-100] * (len(prompt) - 1) + reply + [-100])
-            weights.append([0.0] * (len(prompt) - 1) + slot_weights(self.tok, ex, reply, self.slot_weight) + [0.0])
+            weights.append([0.0] * (len(prompt) - 1) + slot_weights(self.tok, ex, reply, **self.weights) + [0.0])
             lookups += [(len(rows) - 1, pos, where) for pos, where in lookup_targets(self.tok, ex, prompt, reply)]
             carries += [(len(rows) - 1, pos, where) for pos, where in header_targets(self.tok, ex, prompt)]
         T = max(map(len, rows))
@@ -432,13 +428,18 @@ def save(model: HookedCommandR, init: str, out: str) -> None:
             shutil.copyfile(src, os.path.join(out, name))
 
 
+def value_output_params(model: HookedCommandR, layers) -> list:
+    """The value and output projection weights of the attention in ``layers``."""
+    return [p for n, p in model.named_parameters()
+            if any(n.startswith(f"blocks.{i}.attn.{w}") for i in set(layers) for w in ("v_proj", "o_proj"))]
+
+
 def boost_value_output(opt: torch.optim.Optimizer, model: HookedCommandR, layers: list[int], mult: float) -> None:
     """Move the value and output projections of ``layers`` into their own parameter group with ``mult`` x the
     learning rate. Once a head attends to the right document, its value/output maps must learn to read the
     document's number there and write it as a logit; at the base rate that took hundreds of steps (a test with
     only those maps trainable: chance after 60 steps at 1e-3, 60 % at 1e-2)."""
-    chosen = {id(p) for n, p in model.named_parameters()
-              if any(n.startswith(f"blocks.{i}.attn.{w}") for i in set(layers) for w in ("v_proj", "o_proj"))}
+    chosen = {id(p) for p in value_output_params(model, layers)}
     decay = opt.param_groups[0]
     fast = [p for p in decay["params"] if id(p) in chosen]
     decay["params"] = [p for p in decay["params"] if id(p) not in chosen]
@@ -451,29 +452,15 @@ def readout_stage(model: HookedCommandR, tok: Tokenizer, args) -> list:
     compact rows). With the two heads already attending to the right places, this teaches the maps that read the
     document's number from the attended name and write it as a logit, without the rest of the mixture pulling
     the same weights elsewhere. Returns the probe rows."""
-    layers = {args.lookup_layer, args.carry_layer}
-    chosen = [p for n, p in model.named_parameters()
-              if any(n.startswith(f"blocks.{i}.attn.{w}") for i in layers for w in ("v_proj", "o_proj"))]
+    chosen = value_output_params(model, [args.lookup_layer, args.carry_layer])
     frozen = [p for p in model.parameters() if all(p is not c for c in chosen)]
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.Adam(chosen, lr=args.readout_lr)
-    data, rows = CompactBatches(tok, args.compact_batch, args.seed + 60, 1.0), []
+    data = CompactBatches(tok, args.compact_batch, args.seed + 60, 1.0, base=0.0, kinds=("rel",))
+    rows = []
     for step in range(args.readout_steps):
-        x, y, _, _, _ = data.next()
-        rel = torch.zeros_like(y, dtype=torch.float32)
-        for row in range(len(x)):                 # weights on the rel numbers only (their labels follow the prompt)
-            text = tok.decode(x[row].tolist())
-            start = text.index("<|CHATBOT_TOKEN|>")
-            pieces = [tok.decode([t]) for t in x[row].tolist()]
-            pos = len(tok.decode(x[row, :1].tolist()))
-            for j in range(1, x.shape[1]):
-                if pos >= start and pieces[j].isdigit():
-                    line_start = max(text.rfind("\n", 0, pos) + 1, start + len("<|CHATBOT_TOKEN|>"))
-                    if text[line_start:pos].startswith("Relevant Documents:"):
-                        rel[row, j - 1] = 1.0
-                pos += len(pieces[j])
-        assert rel.sum() > 0, "no 'Relevant Documents' numbers found in the readout batch"
+        x, y, rel, _, _ = data.next()                 # loss weight 1 on the rel numbers, 0 elsewhere
         loss = weighted_loss(model(x), y, rel)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -110,6 +110,19 @@ def test_bridge_hook_in_alias_and_tensor_layers(plain):
         get_act_name("pattern", torch.tensor(1.5))
 
 
+def run_checker(tmp_path, cells: list, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """scripts/tl_demo_check.py (transformer-lens blocked) on a notebook of ``cells``: the process and its JSON."""
+    nb = {"cells": [{"cell_type": "code", "source": c} for c in cells], "metadata": {}, "nbformat": 4,
+          "nbformat_minor": 5}
+    path = tmp_path / "demo.ipynb"
+    path.write_text(json.dumps(nb))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "tl_demo_check.py"), str(path), "--no-tl", *flags,
+                           "--json", str(out)], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    return proc, json.loads(out.read_text())
+
+
 def test_checker_counts_steps(tmp_path):
     """The demo checker on a small notebook: replaced load, substituted names, a skipped plot cell,
     a GQA failure reported (not hidden), and a value printed by the model."""
@@ -120,15 +133,7 @@ def test_checker_counts_steps(tmp_path):
              'logits[0, -1, model.to_single_token(" Mary")]).item()\nprint(round(d, 4))',
              "import plotly.express as px\npx.line(y=[1, 2]).show()",
              'def f(v, hook):\n    v[:, :, 3] = 0\n    return v\nmodel.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_v", f)])']
-    nb = {"cells": [{"cell_type": "code", "source": c} for c in cells], "metadata": {}, "nbformat": 4,
-          "nbformat_minor": 5}
-    path = tmp_path / "demo.ipynb"
-    path.write_text(json.dumps(nb))
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "tl_demo_check.py"), str(path), "--no-tl",
-                           "--json", str(out)], capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    rec = json.loads(out.read_text())
+    proc, rec = run_checker(tmp_path, cells)
     sm, steps = rec["summary"], rec["steps"]
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert sm["skipped_plot"] == 1 and sm["run"] == 4
@@ -175,15 +180,7 @@ def test_checker_counts_a_half_set_name_as_cascade_and_ports_the_gqa_switch(tmp_
              'def f(v, hook):\n    v[:, :, 3] = 0\n    return v\n'
              '_, cache = model.run_with_cache(toks, fwd_hooks=[("blocks.0.attn.hook_v", f)])\n'
              'print(cache["z", 0][:, :, 3].abs().max().item(), cache["z", 0][:, :, 2].abs().max().item())']
-    nb = {"cells": [{"cell_type": "code", "source": c} for c in cells], "metadata": {}, "nbformat": 4,
-          "nbformat_minor": 5}
-    path = tmp_path / "demo.ipynb"
-    path.write_text(json.dumps(nb))
-    out = tmp_path / "out.json"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "tl_demo_check.py"), str(path), "--no-tl",
-                    "--ungroup-gqa", "--json", str(out)], capture_output=True, text=True, timeout=120,
-                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    steps = json.loads(out.read_text())["steps"]
+    steps = run_checker(tmp_path, cells, "--ungroup-gqa")[1]["steps"]
     assert steps[2]["origin"] == "cascade"                                 # NameError
     assert steps[3]["status"] == "fail" and steps[3]["origin"] == "cascade" and steps[3]["needs"] == ["xs"]
     assert steps[4]["status"] == "pass", steps[4].get("error")
