@@ -57,12 +57,6 @@ def span_logprob(model, ids: list, n_response: int, token_range) -> float:
     return sum(float(logp[start + j - 1, ids[start + j]]) for j in range(a, b))
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 # ------------------------------------------------------------------------------------------- ablation
 def test_ablation_is_leave_one_out_computed_independently(model, tok):
     ex = held_out(1, "two")[0]
